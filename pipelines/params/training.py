@@ -1,0 +1,115 @@
+"""params.yaml sections of the training stages (sft_checkpoint, rl_checkpoint).
+
+The defaults are sized for the embedded default: SmolLM2-135M on a 2-core CPU, each stage done in ~2-3 minutes
+(measured: SFT ~4-5 s per step of 4 rows x ~256 tokens; GRPO ~10-20 s per step of 2 prompts x 4 completions).
+On GPUs, raise the step counts and set `device: cuda`, `precision: bf16`, and a multi-GPU `launcher` (README).
+
+Checks that only need these values live here (pydantic); checks that need the machine or other files (CUDA present,
+DeepSpeed installed, the launcher config's ZeRO stage, dataset size) run in `pipelines.training_common.preflight`,
+still before any model is loaded.
+"""
+from __future__ import annotations
+
+from typing import Annotated, List, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .common import Fraction, JudgeParams, PositiveInt, Strict
+
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
+class LoraParams(Strict):
+    """LoRA adapters (peft). The output checkpoint always has the adapters merged in, so later stages load a plain model."""
+
+    enabled: bool = False  # full fine-tuning by default: 135M parameters fit anywhere
+    r: PositiveInt = 16  # adapter rank
+    alpha: PositiveInt = 32  # scaling = alpha / r
+    dropout: Fraction = 0.05
+    # names of the linear layers that get adapters (Llama naming); ["all-linear"] = every linear layer but the head
+    target_modules: Annotated[List[str], Field(min_length=1)] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]
+
+
+class TrainingStageParams(Strict):
+    """What both training stages share: where and how to run, the optimiser, logging and checkpointing."""
+
+    # -------------------------------------------------------------------- launch
+    # python: train in this process. accelerate: re-run the stage under `accelerate launch` with a DDP config.
+    # deepspeed: the same with a DeepSpeed ZeRO config (needs `pip install .[gpu]`). Both multi-process launchers need CUDA.
+    launcher: Literal["python", "accelerate", "deepspeed"] = "python"
+    # accelerate config file; None = configs/accelerate_ddp.yaml (accelerate) or configs/zero2.yaml (deepspeed)
+    launcher_config: Optional[str] = None
+    num_processes: Optional[PositiveInt] = None  # processes (GPUs) per machine; None = every visible GPU
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto = cuda when present; cpu keeps the default run reproducible
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision; bf16/fp16 need CUDA (TRL defaults to bf16!)
+    gradient_checkpointing: bool = False  # trades ~20% more compute for activation memory; a 135M model needs none
+
+    # -------------------------------------------------------------------- optimiser
+    learning_rate: PositiveFloat = 5e-5
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1  # fraction of the steps spent warming up
+    max_grad_norm: PositiveFloat = 1.0
+    per_device_batch_size: PositiveInt = 4  # rows per process per micro-step
+    gradient_accumulation_steps: PositiveInt = 1  # micro-steps per optimiser step
+    seed: int = 0  # data order, dropout, LoRA init and (RL) sampling
+
+    # -------------------------------------------------------------------- logging and checkpoints
+    logging_steps: PositiveInt = 1  # optimiser steps between log rows (the loss/reward curve); logging is cheap
+    save_steps: PositiveInt = 10  # steps between resumable trainer checkpoints in paths.work/<stage>/
+    save_total_limit: PositiveInt = 1  # trainer checkpoints kept; each holds weights + optimiser state (~1.6 GB at 135M)
+    keep_checkpoints: bool = False  # keep paths.work/<stage>/ after a successful run (False frees the disk)
+    report_to: Literal["none", "dvclive"] = "none"  # dvclive: live metrics under dvclive/ as well as our plot files
+
+    lora: LoraParams = LoraParams()
+
+    @model_validator(mode="after")
+    def _precision_needs_gpu(self) -> "TrainingStageParams":
+        if self.device == "cpu" and self.precision != "fp32":
+            raise ValueError(
+                f"precision {self.precision!r} needs a GPU but device is 'cpu': set precision: fp32, or device: cuda"
+            )
+        if self.launcher != "python" and self.device == "cpu":
+            raise ValueError(f"launcher {self.launcher!r} runs one process per GPU: set device: cuda (or launcher: python)")
+        return self
+
+
+class SftCheckpointParams(TrainingStageParams):
+    """Supervised fine-tuning on the spec-free chat examples; loss on the assistant turn (CoT + answer) only."""
+
+    # 1 pass over the data, capped by max_steps: ~30 steps x ~4.6 s on 2 CPU cores = ~2.3 min
+    epochs: PositiveFloat = 1.0
+    max_steps: Optional[PositiveInt] = 30  # cap on optimiser steps; None = run every epoch in full
+    max_length: PositiveInt = 512  # tokens per row (system + prompt + CoT + answer); longer rows are cut, and counted
+    packing: bool = False  # pack rows into max_length blocks (faster on GPU; changes per-row loss weighting)
+    # A .jinja chat template with {% generation %} markers around the assistant turn. None = the built-in ChatML one
+    # (SmolLM2, Qwen, ...), which is checked to render exactly like the base model's own template.
+    chat_template: Optional[str] = None
+
+
+class RlCheckpointParams(TrainingStageParams):
+    """GRPO from the SFT model on spec-free prompts; reward = judge score of the answer (CoT withheld) + format bonus."""
+
+    # 6 steps x ~15-20 s on 2 CPU cores = ~2 min
+    learning_rate: PositiveFloat = 5e-6  # RL moves a trained policy: 10x below SFT
+    max_steps: PositiveInt = 6  # optimiser steps (each: generate, score, update)
+    # completions per process per micro-step (not prompts!): 8 = 2 prompts x num_generations 4
+    per_device_batch_size: PositiveInt = 8
+    save_steps: PositiveInt = 2  # a GRPO step is slow on CPU; lose at most 2 after a kill
+    num_generations: Annotated[int, Field(ge=2)] = 4  # group size: completions per prompt that GRPO compares
+    max_completion_length: PositiveInt = 160  # tokens per completion (CoT + answer); cut completions score 0
+    temperature: PositiveFloat = 0.9  # sampling temperature; must be > 0 so a group's completions differ
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    beta: Annotated[float, Field(ge=0.0)] = 0.02  # KL penalty to the SFT model; 0 skips the reference model
+    # The reward judge. It never sees the CoT (the paper's choice, so RL cannot teach the CoT to please the judge).
+    judge: JudgeParams = JudgeParams(sees_cot=False)
+    format_weight: Annotated[float, Field(ge=0.0)] = 0.2  # reward = judge score / 10 + format_weight * well-formed
+    max_prompts_per_category: Optional[PositiveInt] = None  # None = every training prompt
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_blind_to_cot(cls, v: JudgeParams) -> JudgeParams:
+        if v.sees_cot:
+            raise ValueError("sees_cot must be false: the RL reward judges the answer only, never the CoT")
+        return v
