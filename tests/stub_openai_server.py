@@ -328,6 +328,9 @@ def _make_handler(server: StubOpenAIServer) -> type:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real inference servers do
         timeout = 30  # an idle connection is dropped after this many seconds (a safety net)
+        # Headers and body go out in two writes; with Nagle on, the second waits for a delayed ACK (~40 ms on
+        # loopback), which would dwarf the latency a test or benchmark configures.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
             pass

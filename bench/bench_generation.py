@@ -1,0 +1,59 @@
+"""Generation throughput of the local transformers backend on the embedded model: batched vs one prompt at a time.
+
+Same model, prompts (the real raw_cots prompts with the spec chunk), greedy decoding and token budget for every
+setting; tokens/s counts generated tokens only. Prints the curve over batch sizes and the best ratio.
+
+    python bench/bench_generation.py [--prompts 16] [--tokens 48] [--batches 1,4,8,16]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import ROOT, machine, pipeline_conversations, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--batches", default="1,4,8,16")
+    args = ap.parse_args()
+
+    from pipelines.backends.local import TransformersChatBackend
+    from pipelines.params import Sampling, TransformersBackend
+
+    params, convs, prefill = pipeline_conversations(k=args.prompts)
+    cfg = TransformersBackend(kind="transformers", model=str(ROOT / "data/base_model"), batch_size=1)
+    backend = TransformersChatBackend(cfg)
+    tok = backend.tok
+    # Fixed-length outputs make settings comparable: greedy, and EOS ignored via min_new_tokens.
+    sampling = Sampling(temperature=0.0, max_new_tokens=args.tokens)
+    backend.model.generation_config.min_new_tokens = args.tokens
+    backend.generate(convs[:2], 1, sampling, prefill=prefill, progress=False)  # warm-up
+    prompt_tokens = sum(len(tok(backend.render(c, prefill), add_special_tokens=False)["input_ids"]) for c in convs)
+    print(f"{machine()}; {len(convs)} prompts, {prompt_tokens / len(convs):.0f} prompt tokens each, {args.tokens} new tokens")
+
+    t = time.perf_counter()
+    for c in convs:  # the naive loop: one prompt per generate() call
+        backend.generate([c], 1, sampling, prefill=prefill, progress=False)
+    loop_s = time.perf_counter() - t
+    new_tokens = len(convs) * args.tokens
+    loop_tps = new_tokens / loop_s
+    print(f"one-at-a-time loop: {loop_tps:7.1f} tok/s ({loop_s:.1f}s)")
+    best = (1, loop_tps)
+    for bs in [int(b) for b in args.batches.split(",")]:
+        backend.cfg = cfg.model_copy(update={"batch_size": bs})
+        t = time.perf_counter()
+        backend.generate(convs, 1, sampling, prefill=prefill, progress=False)
+        s = time.perf_counter() - t
+        tps = new_tokens / s
+        print(f"batched, batch_size={bs:2d}: {tps:7.1f} tok/s ({s:.1f}s)  x{tps / loop_tps:.2f} vs loop")
+        if tps > best[1]:
+            best = (bs, tps)
+    summary("generation", f"best batch_size={best[0]}: {best[1]:.1f} tok/s = x{best[1] / loop_tps:.2f} the "
+            f"one-at-a-time loop ({loop_tps:.1f} tok/s); goal >= x4")
+
+
+if __name__ == "__main__":
+    main()
