@@ -1,7 +1,9 @@
 """params.yaml sections of the training stages (sft_checkpoint, rl_checkpoint).
 
-The defaults are sized for the embedded default: SmolLM2-135M on a 2-core CPU, each stage done in ~2-3 minutes
-(measured: SFT ~4-5 s per step of 4 rows x ~256 tokens; GRPO ~10-20 s per step of 2 prompts x 4 completions).
+The defaults are sized for the embedded default: SmolLM2-135M on an idle 2-core CPU, each stage in ~2-3 minutes.
+Reference costs there: SFT ~4.6 s per step of 4 rows x 256 tokens; GRPO ~12-15 s per step of 2 prompts x 4
+completions x 32 tokens. Our default 96-token completions cost more (estimate: ~20-30 s/step idle; on a busy shared
+CPU we measured 160 tokens at 1.5x the step time of 96). Cost is about linear in steps x batch x tokens.
 On GPUs, raise the step counts and set `device: cuda`, `precision: bf16`, and a multi-GPU `launcher` (README).
 
 Checks that only need these values live here (pydantic); checks that need the machine or other files (CUDA present,
@@ -37,7 +39,7 @@ class TrainingStageParams(Strict):
 
     # -------------------------------------------------------------------- launch
     # python: train in this process. accelerate: re-run the stage under `accelerate launch` with a DDP config.
-    # deepspeed: the same with a DeepSpeed ZeRO config (needs `pip install .[gpu]`). Both multi-process launchers need CUDA.
+    # deepspeed: the same with a DeepSpeed ZeRO config (needs `pip install .[gpu]` and CUDA).
     launcher: Literal["python", "accelerate", "deepspeed"] = "python"
     # accelerate config file; None = configs/accelerate_ddp.yaml (accelerate) or configs/zero2.yaml (deepspeed)
     launcher_config: Optional[str] = None
@@ -70,8 +72,6 @@ class TrainingStageParams(Strict):
             raise ValueError(
                 f"precision {self.precision!r} needs a GPU but device is 'cpu': set precision: fp32, or device: cuda"
             )
-        if self.launcher != "python" and self.device == "cpu":
-            raise ValueError(f"launcher {self.launcher!r} runs one process per GPU: set device: cuda (or launcher: python)")
         return self
 
 
@@ -91,14 +91,18 @@ class SftCheckpointParams(TrainingStageParams):
 class RlCheckpointParams(TrainingStageParams):
     """GRPO from the SFT model on spec-free prompts; reward = judge score of the answer (CoT withheld) + format bonus."""
 
-    # 6 steps x ~15-20 s on 2 CPU cores = ~2 min
+    # 6 steps x ~20-30 s on 2 idle CPU cores = ~2-3 min (estimate, see the module docstring)
     learning_rate: PositiveFloat = 5e-6  # RL moves a trained policy: 10x below SFT
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # few steps: no decay
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # with 6 steps, a warmup step would be a step at lr 0
     max_steps: PositiveInt = 6  # optimiser steps (each: generate, score, update)
     # completions per process per micro-step (not prompts!): 8 = 2 prompts x num_generations 4
     per_device_batch_size: PositiveInt = 8
     save_steps: PositiveInt = 2  # a GRPO step is slow on CPU; lose at most 2 after a kill
     num_generations: Annotated[int, Field(ge=2)] = 4  # group size: completions per prompt that GRPO compares
-    max_completion_length: PositiveInt = 160  # tokens per completion (CoT + answer); cut completions score 0
+    # tokens per completion (CoT + answer). A CoT cut before </think> has no answer and scores 0, which also rewards
+    # finishing within budget; generation and the update both grow with it (160 costs ~1.5x of 96 per step)
+    max_completion_length: PositiveInt = 96
     temperature: PositiveFloat = 0.9  # sampling temperature; must be > 0 so a group's completions differ
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     beta: Annotated[float, Field(ge=0.0)] = 0.02  # KL penalty to the SFT model; 0 skips the reference model
