@@ -27,3 +27,10 @@ test: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: setup
+	cd bench && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ../$(PY) bench_incremental.py
+	cd bench && ../$(PY) bench_http.py
+	cd bench && ../$(PY) bench_generation.py
+	cd bench && ../$(PY) bench_judge.py
+	cd bench && ../$(PY) bench_sft.py
