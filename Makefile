@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: setup run test bench ui clean-venv
+.PHONY: setup run test bench ui push pull sweep cards clean-venv
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -25,6 +25,10 @@ run: setup
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
+ui: setup          ## Dagster UI over dvc.yaml at http://127.0.0.1:3000 (runs persist in dagster_home/, git-ignored)
+	mkdir -p dagster_home && cp -n configs/dagster/dagster.yaml dagster_home/ || true
+	DAGSTER_HOME=$(CURDIR)/dagster_home PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dg dev
+
 clean-venv:
 	rm -rf $(VENV)
 
@@ -34,3 +38,21 @@ bench: setup
 	cd bench && ../$(PY) bench_generation.py
 	cd bench && ../$(PY) bench_judge.py
 	cd bench && ../$(PY) bench_sft.py
+
+DVC        = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc
+THRESHOLDS ?= 5,7,9
+
+push: setup        ## upload every DVC-tracked artifact to the default remote (~/.cache/daf-dvc-remote unless changed)
+	$(DVC) push
+
+pull: setup        ## fetch the artifacts dvc.lock names from the default remote and check them out (runs nothing)
+	$(DVC) pull
+	$(DVC) status
+
+sweep: setup       ## judge-threshold sweep as queued DVC experiments: make sweep THRESHOLDS=4,6,8
+	$(DVC) exp run --queue -S 'judged_cots.judge.threshold=$(THRESHOLDS)'
+	$(DVC) exp run --run-all
+	$(DVC) exp show --only-changed --drop 'wall_s|Created|State|Executor'
+
+cards: setup       ## (re)write data/cards/ from dvc.lock
+	$(DVC) repro cards

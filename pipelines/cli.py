@@ -10,6 +10,7 @@
     python -m pipelines eval_scores --model sft
     python -m pipelines report
     python -m pipelines evaluate --model PATH_OR_URL --eval PATH
+    python -m pipelines cards
 """
 from __future__ import annotations
 
@@ -110,6 +111,12 @@ def eval_scores(
 def report(params: Path = ParamsOpt) -> None:
     """Compare base/SFT/RL: markdown + JSON tables and plots."""
     _run("report", params)
+
+
+@app.command("cards")
+def cards(params: Path = ParamsOpt) -> None:
+    """Write a card (JSON + markdown) with the full lineage of every dataset and checkpoint in dvc.lock."""
+    _run("cards", params)
 
 
 @app.command("evaluate")

@@ -1,0 +1,190 @@
+"""`DvcCliResource`: runs `dvc` for Dagster, like dagster-dbt's `DbtCliResource`.
+
+    @multi_asset(specs=..., can_subset=True, pool="dvc")
+    def my_assets(context: AssetExecutionContext, dvc: DvcCliResource):
+        yield from dvc.repro(context).stream()
+
+`repro(context)` turns the selected asset keys (+ the run's partition key) into DVC items (`raw_cots@violence`), and
+`stream()` runs `dvc repro --single-item <item>` for each, upstream first, echoing DVC's output into the Dagster log
+line by line. After each item it yields a `MaterializeResult` whose data version is the out md5 now in dvc.lock, with
+metadata from the outs (and whether DVC reused the result), then the item's asset check results. A failed blocking
+check stops the step before any later item runs. A non-zero exit raises with DVC's error; an interrupt reaches DVC as
+SIGINT (see dvc_cli.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+
+import dagster as dg
+from pydantic import Field
+
+from .checks import CheckOutcome, DvcCheck, run_check
+from .dvc_cli import DvcRun, is_progress_frame, run_dvc
+from .manifest import DvcManifest, StageItem
+from .translator import DagsterDvcTranslator
+from .versions import data_version
+
+DVC_POOL = "dvc"  # the concurrency pool every DVC-running op joins; limit it to 1 (configs/dagster/dagster.yaml)
+# Tags Dagster itself reads on asset materializations (dagster._core.definitions.data_version).
+DATA_VERSION_TAG = "dagster/data_version"
+CODE_VERSION_TAG = "dagster/code_version"
+USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
+
+
+class DvcCliResource(dg.ConfigurableResource):
+    """Runs the DVC CLI in a project directory, streaming its output to the Dagster log."""
+
+    project_dir: str = Field(description="DVC project root (holds dvc.yaml, dvc.lock, params.yaml).")
+    executable: Optional[str] = Field(
+        default=None, description="`dvc` executable; default: `python -m dvc` with the interpreter running Dagster.")
+    wait_for_lock: bool = Field(
+        default=True, description="Pass DVC's global --wait-for-lock, so a second DVC process waits for the repo "
+                                  "lock instead of failing (the pool of 1 should already prevent that).")
+    env: Dict[str, str] = Field(default_factory=dict, description="Extra environment for DVC and stage commands.")
+
+    def cli(self, args: Sequence[str], *, context: Optional[Any] = None, check: bool = True) -> DvcRun:
+        """Run `dvc args...`; each output line goes to the run's log (tqdm frames at debug level)."""
+        log = context.log if context is not None else dg.get_dagster_logger()
+
+        def echo(line: str) -> None:
+            if not line.strip():
+                return
+            (log.debug if is_progress_frame(line) else log.info)(line)
+
+        return run_dvc(args, self.project_dir, echo, executable=self.executable, wait_for_lock=self.wait_for_lock,
+                       env=self.env, check=check)
+
+    def manifest(self) -> DvcManifest:
+        return DvcManifest.load(self.project_dir)
+
+    def repro(self, context: dg.AssetExecutionContext, *, translator: Optional[DagsterDvcTranslator] = None,
+              force: bool = False) -> "DvcReproInvocation":
+        """Plan the DVC items for this step's selection; nothing runs until `.stream()` is iterated."""
+        return DvcReproInvocation.from_asset_context(self, context, translator or DagsterDvcTranslator(), force)
+
+
+# ------------------------------------------------------------------------------------------------ execution
+@dataclass
+class ItemPlan:
+    item: StageItem
+    asset_key: dg.AssetKey
+    materialize: bool  # run `dvc repro` for it (False: only its checks were selected)
+    checks: List[DvcCheck] = field(default_factory=list)
+
+
+@dataclass
+class DvcReproInvocation:
+    resource: DvcCliResource
+    context: Any
+    translator: DagsterDvcTranslator
+    plans: List[ItemPlan]
+    manifest: DvcManifest
+    force: bool = False
+    as_asset_events: bool = True  # False: an op outside assets logs AssetMaterialization/AssetCheckEvaluation events
+    code_versions: Dict[dg.AssetKey, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_asset_context(cls, resource: DvcCliResource, context: dg.AssetExecutionContext,
+                           translator: DagsterDvcTranslator, force: bool) -> "DvcReproInvocation":
+        manifest = resource.manifest()
+        specs = {spec.key: spec for spec in context.assets_def.specs}
+        stage_of = {key: str(spec.metadata["dvc/stage"]) for key, spec in specs.items()}
+        selected: Set[dg.AssetKey] = set(context.selected_asset_keys)
+        selected_checks: Set[dg.AssetCheckKey] = set(context.selected_asset_check_keys)
+        partition: Optional[str] = None
+        if context.has_partition_key:
+            keys = context.partition_keys
+            if len(keys) != 1:
+                raise dg.Failure(f"DVC assets materialize one partition per run, got a range of {len(keys)}; "
+                                 "launch a backfill with one run per partition (the default backfill policy).")
+            partition = keys[0]
+        wanted: Dict[str, dg.AssetKey] = {}
+        for key in set(selected) | {c.asset_key for c in selected_checks}:
+            stage = manifest.stages.get(stage_of.get(key, ""))
+            if stage is None:
+                raise dg.Failure(f"asset {key.to_user_string()}: stage {stage_of.get(key)!r} is no longer in dvc.yaml "
+                                 "(reload the code location)")
+            try:
+                item = stage.item(partition if stage.is_template else None)
+            except KeyError:
+                raise dg.Failure(f"{stage.name}: no foreach key {partition!r} in dvc.yaml/params.yaml "
+                                 f"(keys: {', '.join(stage.keys or ())}); reload the code location") from None
+            wanted[item.name] = key
+        plans = []
+        for name in manifest.topological_order():
+            if name not in wanted:
+                continue
+            item, key = manifest.items[name], wanted[name]
+            checks = [c for c in translator.get_checks(manifest.stages[item.stage])
+                      if dg.AssetCheckKey(key, c.name) in selected_checks]
+            plans.append(ItemPlan(item, key, key in selected, checks))
+        return cls(resource, context, translator, plans, manifest, force,
+                   code_versions={k: s.code_version for k, s in specs.items() if s.code_version})
+
+    @classmethod
+    def for_items(cls, resource: DvcCliResource, context: Any, translator: DagsterDvcTranslator,
+                  items: Optional[Sequence[str]] = None, force: bool = False) -> "DvcReproInvocation":
+        """Every item (or the named items / stages), upstream first, with all their checks, reported as asset events
+        from a plain op (the `full_pipeline` job)."""
+        manifest = resource.manifest()
+        names = manifest.topological_order()
+        if items:
+            unknown = [n for n in items if n not in manifest.items and n not in manifest.stages]
+            if unknown:
+                raise dg.Failure(f"not a dvc.yaml stage or item: {', '.join(unknown)}")
+            names = [n for n in names if n in items or manifest.items[n].stage in items]
+        plans, code_versions = [], {}
+        for name in names:
+            stage = manifest.stages[manifest.items[name].stage]
+            key = translator.get_asset_key(stage)
+            code_versions[key] = translator.get_code_version(manifest, stage)
+            plans.append(ItemPlan(manifest.items[name], key, True, translator.get_checks(stage)))
+        return cls(resource, context, translator, plans, manifest, force, as_asset_events=False,
+                   code_versions=code_versions)
+
+    def stream(self) -> Iterator[Any]:
+        """Run each planned item (upstream first) and yield its events; see the module docstring."""
+        for plan in self.plans:
+            reused = False
+            if plan.materialize:
+                args = ["repro", "--single-item", *(["--force"] if self.force else []), plan.item.name]
+                run = self.resource.cli(args, context=self.context)
+                reused = plan.item.name in run.reused and plan.item.name not in run.ran
+            manifest = self.manifest = self.manifest.with_fresh_lock()  # dvc.lock as the run left it
+            item = manifest.items[plan.item.name]
+            if plan.materialize:
+                dv = data_version(manifest, item.name)
+                if dv is None:
+                    raise dg.Failure(f"{item.name}: dvc.lock records no md5 for its outs after `dvc repro`")
+                metadata = self.translator.get_materialization_metadata(manifest, item, reused)
+                self.context.log.info(f"{item.name}: {'reused by DVC' if reused else 'ran'}; data version {dv}")
+                yield self._materialization(plan, item, dv, metadata)
+            failed_blocking: List[str] = []
+            for check in plan.checks:
+                outcome = run_check(check, manifest, item)
+                yield self._check_event(plan, item, check, outcome)
+                if check.blocking and not outcome.passed:
+                    failed_blocking.append(f"{check.name}: {outcome.description}")
+            if failed_blocking:
+                raise dg.Failure(f"{item.name}: blocking check failed, downstream items not run: "
+                                 + "; ".join(failed_blocking))
+
+    # -------------------------------------------------------------------------------------------- events
+    def _materialization(self, plan: ItemPlan, item: StageItem, dv: str, metadata: Dict[str, Any]) -> Any:
+        if self.as_asset_events:
+            return dg.MaterializeResult(asset_key=plan.asset_key, data_version=dg.DataVersion(dv), metadata=metadata)
+        tags = {DATA_VERSION_TAG: dv, USER_PROVIDED_TAG: "true"}
+        if plan.asset_key in self.code_versions:
+            tags[CODE_VERSION_TAG] = self.code_versions[plan.asset_key]
+        return dg.AssetMaterialization(asset_key=plan.asset_key, partition=item.key, metadata=metadata, tags=tags)
+
+    def _check_event(self, plan: ItemPlan, item: StageItem, check: DvcCheck, outcome: CheckOutcome) -> Any:
+        severity = dg.AssetCheckSeverity.ERROR
+        if self.as_asset_events:
+            return dg.AssetCheckResult(asset_key=plan.asset_key, check_name=check.name, passed=outcome.passed,
+                                       metadata=dict(outcome.metadata), description=outcome.description,
+                                       severity=severity)
+        return dg.AssetCheckEvaluation(asset_key=plan.asset_key, check_name=check.name, passed=outcome.passed,
+                                       metadata=dict(outcome.metadata), description=outcome.description,
+                                       severity=severity, blocking=check.blocking, partition=item.key)
