@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .errors import PipelineError
+from .io import check_fields, iter_jsonl
 from .jailbreaks import TRANSFORMS, apply
 from .spec import STYLES_FOR_EXPECTED
 
@@ -132,32 +132,12 @@ def load_jsonl_set(path: str | Path, kind: str, categories: Optional[Sequence[st
     path = Path(path)
     if kind not in KINDS:
         raise PipelineError(f"{path}: unknown eval set kind {kind!r} (one of {', '.join(KINDS)})")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: eval set not found") from None
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not UTF-8 (byte {e.start})") from None
     allowed_cats = set(categories) if categories is not None else None
     items: List[EvalItem] = []
     seen: Dict[str, int] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, row in iter_jsonl(path, "eval set"):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise PipelineError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in JSONL_REQUIRED if k not in row]
-        if missing:
-            raise PipelineError(f"{where}: missing field(s) {', '.join(missing)}")
-        unknown = sorted(set(row) - set(JSONL_REQUIRED) - set(JSONL_OPTIONAL))
-        if unknown:
-            allowed = ", ".join(JSONL_REQUIRED + JSONL_OPTIONAL)
-            raise PipelineError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: {allowed})")
+        check_fields(where, row, JSONL_REQUIRED, JSONL_OPTIONAL)
         bad = [k for k in ("id", "category", "prompt", "expected") if not isinstance(row[k], str)]
         bad += [k for k in ("policy", "type") if row.get(k) is not None and not isinstance(row[k], str)]
         if bad:

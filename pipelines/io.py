@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, List
+from typing import Iterable, Iterator, List, Sequence, Tuple
 
 from .errors import PipelineError
 
@@ -53,27 +53,41 @@ def write_jsonl(dest: str | Path, rows: Iterable[dict]) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | Path) -> List[dict]:
-    """Read JSONL; a bad line is a one-line error naming the file and line number."""
+def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[Tuple[int, dict]]:
+    """(line number, object) for each non-blank line; every problem is a one-line error naming file and line."""
     path = Path(path)
-    rows = []
     try:
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PipelineError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise PipelineError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found (run the upstream stage first)") from None
+        raise PipelineError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 (byte {e.start})") from None
-    return rows
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise PipelineError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row
+
+
+def check_fields(where: str, row: dict, required: Sequence[str], optional: Sequence[str] = ()) -> None:
+    """Missing or unknown keys of a JSONL row -> one-line error at `where` (file:line)."""
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise PipelineError(f"{where}: missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(row) - set(required) - set(optional))
+    if unknown:
+        allowed = ", ".join([*required, *optional])
+        raise PipelineError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: {allowed})")
+
+
+def read_jsonl(path: str | Path) -> List[dict]:
+    """Read a produced JSONL file (an upstream stage's out)."""
+    return [row for _, row in iter_jsonl(path, "file (run the upstream stage first)")]
 
 
 def read_text(path: str | Path, what: str = "file") -> str:

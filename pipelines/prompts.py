@@ -1,12 +1,12 @@
 """Training prompts: data/prompts/<category>.jsonl, one {"id", "prompt", "expected", "policy"} object per line."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import PipelineError
+from .io import check_fields, iter_jsonl
 from .spec import STYLES_FOR_EXPECTED, Spec
 
 REQUIRED = ("id", "prompt", "expected", "policy")
@@ -31,30 +31,11 @@ def load_prompts(path: str | Path, spec: Spec, category: Optional[str] = None) -
     category = category or path.stem
     if category not in spec.categories:
         raise PipelineError(f"{path}: unknown category {category!r} (not in params.yaml categories)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: prompts file for category '{category}' not found") from None
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not UTF-8 (byte {e.start})") from None
     out: List[PromptRecord] = []
     seen: Dict[str, int] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, row in iter_jsonl(path, f"prompts file for category '{category}'"):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise PipelineError(f"{where}: expected a JSON object")
-        missing = [k for k in REQUIRED if k not in row]
-        if missing:
-            raise PipelineError(f"{where}: missing field(s) {', '.join(missing)}")
-        unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))
-        if unknown:
-            raise PipelineError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        check_fields(where, row, REQUIRED, OPTIONAL)
         if not all(isinstance(row[k], str) for k in REQUIRED):
             raise PipelineError(f"{where}: fields {', '.join(REQUIRED)} must be strings")
         if row.get("category", category) != category:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from .cot import split_cot
 from .errors import PipelineError
-from .io import write_json
+from .io import iter_jsonl, write_json
 from .params import Params
 from .params.training import SftCheckpointParams
 from .training_common import (
@@ -33,7 +33,6 @@ from .training_common import (
     finish_work_dir,
     fingerprint,
     is_rank_zero,
-    iter_jsonl_rows,
     load_model,
     log_rows,
     lora_config,
@@ -72,7 +71,7 @@ def load_sft_rows(path: Path, system_prompt: str) -> List[Dict[str, Any]]:
         PipelineError: naming the file and line.
     """
     rows = []
-    for n, row in iter_jsonl_rows(path):
+    for n, row in iter_jsonl(path, "SFT dataset (run sft_dataset first)"):
         where = f"{path}:{n}"
         msgs = row.get("messages")
         if not isinstance(msgs, list) or len(msgs) < 2:

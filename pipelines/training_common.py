@@ -574,22 +574,3 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, hidden: int = 64, 
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
     return out_dir
-
-
-def iter_jsonl_rows(path: Path) -> Iterable[tuple[int, Dict[str, Any]]]:
-    """(line number, object) of a JSONL file; errors name the file and line."""
-    try:
-        f = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found (run the upstream stage first)") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PipelineError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise PipelineError(f"{path}:{n}: expected a JSON object")
-            yield n, row
