@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import os
+
+# One torch thread per test process (and the subprocesses it starts): the tests use tiny models, where threads only
+# add overhead, and several processes each spinning two OpenMP threads on a 2-core machine slow torch down ~30x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import shutil
 import subprocess
 import sys
