@@ -238,6 +238,27 @@ RAW_FIELDS = ("id", "prompt_id", "category", "prompt", "expected", "sample_index
 JUDGED_FIELDS = RAW_FIELDS + ("scores", "score", "kept")
 SFT_FIELDS = ("id", "category", "prompt_id", "messages")
 
+def judges_reach_min_kappa(manifest: DvcManifest, item: StageItem) -> CheckOutcome:
+    """The filtering judge (judged_cots.judge) and the RL reward judge (answer only) agree with the hand-labelled gold
+    set: Cohen's kappa >= judge_calibration.min_kappa."""
+    path = manifest.root / "data/metrics/judge_calibration.json"
+    if not path.exists():
+        return CheckOutcome(False, f"{_rel(manifest.root, path)} is missing", {})
+    m = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        thr = float(lookup(manifest.params, "judge_calibration.min_kappa"))
+    except (KeyError, TypeError, ValueError):
+        thr = float(m["min_kappa"])
+    uses = {"filtering": m["filtering"], **({"reward": m["reward"]} if m.get("reward") else {})}
+    meta = {"min_kappa": thr, **{f"kappa_{use}": u["kappa"] for use, u in uses.items()},
+            **{f"kappa_{name}": j["kappa"] for name, j in m.get("judges", {}).items()}}
+    low = [f"{use} judge {u['judge']} kappa {u['kappa']:.3f}" for use, u in uses.items() if u["kappa"] < thr]
+    if low:
+        return CheckOutcome(False, f"{'; '.join(low)} < min_kappa {thr}", meta)
+    return CheckOutcome(True, ", ".join(f"{use} kappa {u['kappa']:.3f}" for use, u in uses.items())
+                        + f" >= min_kappa {thr}", meta)
+
+
 _SCHEMA = "schema_nonempty"
 CHECKS_BY_STAGE: Dict[str, List[DvcCheck]] = {
     "raw_cots": [DvcCheck(_SCHEMA, f"Every row has {', '.join(RAW_FIELDS)}; at least one row.",
@@ -261,6 +282,9 @@ CHECKS_BY_STAGE: Dict[str, List[DvcCheck]] = {
                                checkpoint_generates, blocking=True)],
     "eval_scores": [DvcCheck("metrics_present", "This model's metrics JSON exists and holds numbers.",
                              eval_metrics_present)],
+    "judge_calibration": [DvcCheck("judges_reach_min_kappa", "The filtering and RL-reward judges reach "
+                                   "judge_calibration.min_kappa (Cohen's kappa vs the gold labels).",
+                                   judges_reach_min_kappa, blocking=True)],
     "report": [DvcCheck("all_models_evaluated", "Every model in eval_scores' foreach has metrics.",
                         all_models_evaluated)],
 }

@@ -44,6 +44,9 @@ def load_base(p: BaseModelParams):
 
     if p.local_path:
         src = Path(p.local_path)
+        if not (src / "config.json").is_file() or not any(src.glob("*.safetensors")):
+            raise PipelineError(f"base_model.local_path: {src} needs config.json and *.safetensors weights "
+                                "(pickle checkpoints such as pytorch_model.bin are not loaded)")
         tok = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
         return model, tok, {"kind": "local_path", "path": str(src)}

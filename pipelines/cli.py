@@ -9,6 +9,7 @@
     python -m pipelines rl_checkpoint
     python -m pipelines eval_scores --model sft
     python -m pipelines report
+    python -m pipelines judge_calibration
     python -m pipelines evaluate --model PATH_OR_URL --eval PATH
     python -m pipelines cards
 """
@@ -111,6 +112,12 @@ def eval_scores(
 def report(params: Path = ParamsOpt) -> None:
     """Compare base/SFT/RL: markdown + JSON tables and plots."""
     _run("report", params)
+
+
+@app.command("judge_calibration")
+def judge_calibration(params: Path = ParamsOpt) -> None:
+    """Score every judge against the hand-labelled gold set: accuracy, precision/recall, Cohen's kappa, cost."""
+    _run("judge_calibration", params)
 
 
 @app.command("cards")

@@ -6,6 +6,8 @@ or columns) on the first problem; nothing is silently skipped.
 
 Sources:
     data/evals/harmful.jsonl, data/evals/benign.jsonl   ours; same rows as data/prompts/*.jsonl plus optional `type`
+    data/evals/transformations.jsonl                     ours; allowed transformations of sensitive text (comply)
+    data/evals/multilingual.jsonl                        ours; harmful requests in fr/es/de (`type` = language)
     XSTest (Röttger et al., 2024)                        xstest_prompts.csv: id,prompt,type,label,focus,note
     StrongREJECT (Souly et al., 2024)                    strongreject_dataset.csv: category,source,forbidden_prompt
 
@@ -52,6 +54,10 @@ KINDS: Dict[str, tuple] = {
     "harmful": ("refuse", "safe_complete"),
     "benign": ("comply",),
     "jailbreak": ("refuse", "safe_complete"),
+    # benign transformations of given sensitive text (translate / summarise / classify / critique): answered
+    "transformations": ("comply",),
+    # harmful requests written in another language (`type` holds the language code)
+    "multilingual": ("refuse", "safe_complete"),
 }
 
 JSONL_REQUIRED = ("id", "category", "prompt", "expected", "policy")
@@ -89,7 +95,7 @@ class EvalItem:
         prompt: the text sent to the model.
         expected: refuse | safe_complete | comply.
         policy: the spec policy id that applies (``V.2``), or None for external sets.
-        kind: harmful | benign | jailbreak.
+        kind: harmful | benign | jailbreak | transformations | multilingual.
         transform: jailbreak transform name, None for plain items.
         source: where the item comes from (file stem for our sets, ``xstest``, ``strongreject``).
         type: the sub-type label (XSTest-like type for benign rows, XSTest type, StrongREJECT category), or None.
@@ -118,7 +124,8 @@ def load_jsonl_set(path: str | Path, kind: str, categories: Optional[Sequence[st
 
     Args:
         path: JSONL file, one object per line with id, category, prompt, expected, policy and optional type.
-        kind: harmful | benign | jailbreak; also restricts which `expected` values are allowed.
+        kind: a key of KINDS (harmful, benign, jailbreak, transformations, multilingual); also restricts which
+            `expected` values are allowed.
         categories: if given, every row's category must be one of these.
 
     Returns:

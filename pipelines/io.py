@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -18,6 +19,12 @@ def atomic_path(dest: str | Path, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success it replaces `dest` in one rename, on error it is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # A SIGKILL skips the cleanup below and leaves the temp dir (or the moved-aside old dir) of that write beside
+    # `dest`; remove such leftovers of earlier writes of this same destination before starting a new one.
+    stale = re.compile(rf"\.{re.escape(dest.name)}\.(?:[a-z0-9_]{{8}}\.tmp|old)")
+    for p in dest.parent.iterdir():
+        if stale.fullmatch(p.name):
+            shutil.rmtree(p, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     target = tmp if is_dir else tmp / dest.name
     try:

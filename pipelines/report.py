@@ -11,6 +11,10 @@ Writes (all atomically):
     data/report/per_category.png   not_unsafe and not_overrefuse per category, one bar per model
     data/report/plots/             pareto_<model>.json and per_category_<model>.csv, the data of DVC `plots:`
     data/metrics/report.json       headline metrics per model and each model's change from the first one (DVC metrics)
+
+Also shown when present: policy retrieval per expected style, not_unsafe per jailbreak encoding and per language,
+and (from data/metrics/judge_calibration.json, written by stage judge_calibration) each judge's agreement with the
+hand-labelled gold set. The report works without any of them.
 """
 from __future__ import annotations
 
@@ -52,14 +56,25 @@ HEADLINE = [
     ("refusal_agreement", "refusal agreement", "string matcher vs judge"),
     ("refusal_kappa", "refusal Cohen's kappa", "string matcher vs judge"),
     ("unparsed_rate", "unparsed outputs (lower is better)", "no </think> or other format problem"),
+    ("not_overrefuse_transformations", "not_overrefuse: transformations (judge)",
+     "translate/summarise/classify/critique of given sensitive text answered"),
+    ("not_unsafe_multilingual", "not_unsafe: other languages (judge)",
+     "harmful requests in fr/es/de not complied with"),
+    ("policy_retrieval", "policy retrieval (CoT)", "CoTs citing a policy of the prompt's category"),
 ]
+# (metrics key suffix, label) of the policy-retrieval table: the paper's Table 2 split by expected behaviour
+RETRIEVAL = [("", "all spec-relevant prompts"), ("_hard_refusal", "hard refusal (refuse)"),
+             ("_safe_completion", "safe completion (self-harm)"), ("_comply", "comply"),
+             ("_exact", "all, citing the exact policy")]
 CATEGORY_METRICS = [
     ("not_unsafe", "not_unsafe (judge)"),
     ("not_overrefuse", "not_overrefuse (judge)"),
     ("jailbreak_goodness_at_q", "jailbreak goodness@{q}"),
 ]
 DVC_METRICS = ("not_unsafe", "not_overrefuse", "jailbreak_not_unsafe", "jailbreak_goodness", "jailbreak_goodness_at_q",
-               "style_judge_pass", "refusal_kappa", "unparsed_rate")
+               "style_judge_pass", "refusal_kappa", "unparsed_rate", "policy_retrieval",
+               "not_overrefuse_transformations", "not_unsafe_multilingual")
+CALIBRATION = Path("data/metrics/judge_calibration.json")
 COLOURS = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]  # first model grey
 
 
@@ -80,6 +95,26 @@ def load_metrics(models: Sequence[str]) -> Dict[str, dict]:
             raise PipelineError(f"{path}: not an eval_scores metrics file (no 'items' key)")
         out[m] = data
     return out
+
+
+def load_calibration(path: Path = CALIBRATION) -> Optional[dict]:
+    """The judge_calibration metrics, or None when the stage has not run; an unreadable file is an error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("judges"), dict) or "filtering" not in data:
+        raise PipelineError(f"{path}: not a judge_calibration metrics file (no 'judges' / 'filtering')")
+    return data
+
+
+def calibration_table(cal: dict) -> dict:
+    """Per judge: the headline calibration numbers (report.json `judge_calibration`)."""
+    keys = ("kind", "sees_cot", "items", "accuracy", "precision", "recall", "kappa", "seconds_per_item")
+    return {"filtering": cal["filtering"], "reward": cal.get("reward"), "min_kappa": cal.get("min_kappa"),
+            "judges": {n: {k: m.get(k) for k in keys} for n, m in cal["judges"].items()}}
 
 
 def worst_examples(rows: List[dict], n: int, chars: int) -> List[dict]:
@@ -134,13 +169,29 @@ def build_tables(metrics: Dict[str, dict]) -> dict:
     for m in models:
         styles += [s for s in metrics[m].get("per_style", {}) if s not in styles]
     per_style = {s: {m: metrics[m].get("per_style", {}).get(s) for m in models} for s in styles}
-    counts = {m: {k: metrics[m].get(k) for k in ("items", "n_harmful", "n_benign", "n_jailbreak")} for m in models}
+    retrieval = {suffix: {m: metrics[m].get(f"policy_retrieval{suffix}") for m in models} for suffix, _ in RETRIEVAL}
+    # not_unsafe per jailbreak transform, then the other-language slice as a whole and per language
+    robustness: Dict[str, Dict[str, Optional[float]]] = {}
+    for t in transforms:
+        robustness[t] = {m: metrics[m].get("per_transform", {}).get(t, {}).get("not_unsafe") for m in models}
+    if any(metrics[m].get("not_unsafe_multilingual") is not None for m in models):
+        robustness["multilingual (all)"] = {m: metrics[m].get("not_unsafe_multilingual") for m in models}
+    langs: List[str] = []
+    for m in models:
+        langs += [lang for lang in metrics[m].get("per_language", {}) if lang not in langs]
+    for lang in langs:
+        robustness[f"language: {lang}"] = {m: metrics[m].get("per_language", {}).get(lang, {}).get("not_unsafe")
+                                           for m in models}
+    counts = {m: {k: metrics[m].get(k) for k in ("items", "n_harmful", "n_benign", "n_jailbreak", "n_transformations",
+                                                  "n_multilingual")} for m in models}
     info = {m: {k: metrics[m].get(k) for k in ("generator", "judge", "wall_s")} for m in models}
     return {"models": models, "goodness_q": q, "headline": headline, "per_category": per_category,
-            "per_transform": per_transform, "per_style": per_style, "counts": counts, "runs": info}
+            "per_transform": per_transform, "per_style": per_style, "policy_retrieval": retrieval,
+            "robustness": robustness, "counts": counts, "runs": info}
 
 
-def render_markdown(tables: dict, examples: Dict[str, List[dict]], title: str = "Evaluation report") -> str:
+def render_markdown(tables: dict, examples: Dict[str, List[dict]], title: str = "Evaluation report",
+                    calibration: Optional[dict] = None) -> str:
     models, q = tables["models"], tables["goodness_q"]
     out = [f"# {title}", ""]
     runs = tables["runs"]
@@ -148,7 +199,8 @@ def render_markdown(tables: dict, examples: Dict[str, List[dict]], title: str = 
     out.append("Models: " + ", ".join(f"**{m}** ({runs[m].get('generator')})" for m in models) + ".")
     out.append(f"Judge: {', '.join(judges)} (answer only; the CoT is never scored). "
                + "Items per model: " + ", ".join(
-                   f"{m} {c['items']} ({c['n_harmful']} harmful, {c['n_benign']} benign, {c['n_jailbreak']} jailbreak)"
+                   f"{m} {c['items']} ({c['n_harmful']} harmful, {c['n_benign']} benign, {c['n_jailbreak']} jailbreak"
+                   + "".join(f", {c[k]} {k[2:]}" for k in ("n_transformations", "n_multilingual") if c.get(k)) + ")"
                    for m, c in tables["counts"].items()) + ".")
     out += ["", "## Headline", "", "Shares in [0, 1]; higher is better unless noted.", ""]
     rows = []
@@ -166,6 +218,22 @@ def render_markdown(tables: dict, examples: Dict[str, List[dict]], title: str = 
     if tables["per_transform"]:
         rows = [[t] + [_fmt(v[m]) for m in models] for t, v in tables["per_transform"].items()]
         out += ["", "## Jailbreak goodness (mean) by transform", "", _table(["transform"] + models, rows)]
+    retrieval = tables.get("policy_retrieval", {})
+    rows = [[label] + [_fmt(retrieval[suffix][m]) for m in models] for suffix, label in RETRIEVAL
+            if suffix in retrieval and any(v is not None for v in retrieval[suffix].values())]
+    if rows:
+        out += ["", "## Policy retrieval (CoT cites a policy of the prompt's category)", "",
+                "Harmful and benign prompts that have a policy; split by the behaviour the spec expects.", "",
+                _table(["prompts"] + models, rows)]
+    robustness = tables.get("robustness", {})
+    if robustness:
+        rows = [[k] + [_fmt(v[m]) for m in models] for k, v in robustness.items()]
+        out += ["", "## not_unsafe (judge) by jailbreak encoding and by language", "",
+                "Other languages: refusals are detected by English phrases only, so a refusal written in the "
+                "request's language counts as unsafe (a lower bound with the rubric judge).", "",
+                _table(["transform / language"] + models, rows)]
+    if calibration:
+        out += ["", *calibration_markdown(calibration)]
     if tables["per_style"]:
         rows = []
         for s, v in tables["per_style"].items():
@@ -194,6 +262,21 @@ def render_markdown(tables: dict, examples: Dict[str, List[dict]], title: str = 
             "- Sample sizes are small by default (see `eval_scores.sets` in params.yaml): differences of a few items "
             "are noise.", ""]
     return "\n".join(out)
+
+
+def calibration_markdown(cal: dict) -> List[str]:
+    """The judge-calibration section of report.md (details: data/judge_calibration/calibration.md)."""
+    f = cal["filtering"]
+    rows = [[n, str(m.get("kind")), "yes" if m.get("sees_cot") else "no", str(m.get("items"))]
+            + [_fmt(m.get(k)) for k in ("accuracy", "precision", "recall", "kappa")] for n, m in cal["judges"].items()]
+    return ["## Judge calibration (hand-labelled gold set)", "",
+            f"Filtering judge `{f['judge']}`: Cohen's kappa {_fmt(f.get('kappa'))} vs min_kappa {f.get('min_kappa')} "
+            f"({'pass' if f.get('passes') else 'FAIL'})."
+            + (f" RL reward judge `{w['judge']}` (answer only): kappa {_fmt(w.get('kappa'))} on the answer-only rows "
+               f"({'pass' if w.get('passes') else 'FAIL'})." if (w := cal.get("reward")) else "")
+            + " The rubric's rules were tuned on this gold set, so its rows are optimistic. Details: "
+            "data/judge_calibration/calibration.md.", "",
+            _table(["judge", "kind", "sees CoT", "items", "accuracy", "precision", "recall", "kappa"], rows)]
 
 
 # ============================================================================ plots
@@ -316,11 +399,13 @@ def dvc_metrics(metrics: Dict[str, dict]) -> dict:
 
 # ============================================================================ stage
 def build_report(metrics: Dict[str, dict], examples: Dict[str, List[dict]], rp: ReportParams,
-                 out_dir: Path = OUT_DIR) -> dict:
-    """Write report.md, report.json, both PNGs and the DVC plot data under out_dir; return the report JSON."""
+                 out_dir: Path = OUT_DIR, calibration: Optional[dict] = None) -> dict:
+    """Write report.md, report.json, both PNGs and the DVC plot data under out_dir; return the report JSON.
+    `calibration`: judge_calibration metrics, shown when given."""
     tables = build_tables(metrics)
-    report = {**tables, "examples": examples}
-    write_text(out_dir / "report.md", render_markdown(tables, examples))
+    report = {**tables, "examples": examples,
+              "judge_calibration": calibration_table(calibration) if calibration else None}
+    write_text(out_dir / "report.md", render_markdown(tables, examples, calibration=calibration))
     write_json(out_dir / "report.json", report)
     plot_pareto(metrics, out_dir / "pareto.png", rp.dpi)
     plot_per_category(metrics, out_dir / "per_category.png", rp.dpi)
@@ -339,6 +424,6 @@ def main(params: Params) -> None:
     for m in rp.models:
         path = results_path(m)
         examples[m] = worst_examples(read_jsonl(path), rp.examples, rp.example_chars) if path.exists() else []
-    build_report(metrics, examples, rp)
+    build_report(metrics, examples, rp, calibration=load_calibration())
     write_json(METRICS, dvc_metrics(metrics))
     print((OUT_DIR / "report.md").read_text(encoding="utf-8").split("\n## ", 2)[1].split("\n", 1)[1].strip())

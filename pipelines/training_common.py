@@ -370,7 +370,9 @@ def load_model(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if not any(Path(model_dir).glob("*.safetensors")):  # never fall back to pytorch_model.bin (a pickle)
+        raise PipelineError(f"{model_dir}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
 
 
 # ---------------------------------------------------------------------------- inputs, resume
@@ -413,6 +415,13 @@ def prepare_work_dir(work_dir: Path, run_id: str) -> Optional[str]:
             for p in work_dir.glob("checkpoint-*"):
                 log.info("discarding %s: it belongs to another run", p)
                 shutil.rmtree(p, ignore_errors=True)
+        # The trainer writes a checkpoint in place, trainer_state.json last: a checkpoint without a readable one was
+        # cut short by a kill, and resuming from it fails ("Can't find a valid checkpoint"). Drop it; the previous,
+        # complete checkpoint (still there: older ones are rotated out only after a save completes) is used instead.
+        for p in work_dir.glob("checkpoint-*"):
+            if not _checkpoint_complete(p):
+                log.info("discarding %s: incomplete (the run was killed while saving it)", p)
+                shutil.rmtree(p, ignore_errors=True)
         work_dir.mkdir(parents=True, exist_ok=True)
         stamp.write_text(run_id + "\n")
     _barrier()
@@ -420,6 +429,14 @@ def prepare_work_dir(work_dir: Path, run_id: str) -> Optional[str]:
     if last:
         log.info("resuming from %s", last)
     return last
+
+
+def _checkpoint_complete(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _barrier() -> None:

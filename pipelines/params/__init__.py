@@ -24,7 +24,7 @@ from .common import (  # noqa: F401  (re-exported for stage modules)
     Strict,
     TransformersBackend,
 )
-from .evaluation import EvalScoresParams, ReportParams
+from .evaluation import EvalScoresParams, JudgeCalibrationParams, ReportParams
 from .training import RlCheckpointParams, SftCheckpointParams
 
 CATEGORY_NAME = r"^[a-z][a-z0-9_]*$"
@@ -102,6 +102,7 @@ class Params(Strict):
     rl_checkpoint: RlCheckpointParams = RlCheckpointParams()
     eval_scores: EvalScoresParams = EvalScoresParams()
     report: ReportParams = ReportParams()
+    judge_calibration: JudgeCalibrationParams = JudgeCalibrationParams()
 
     @field_validator("categories")
     @classmethod
