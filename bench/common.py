@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)  # params.yaml paths are relative to the project root, as for dvc.yaml stages
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
