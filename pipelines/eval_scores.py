@@ -78,7 +78,7 @@ from .errors import PipelineError
 from .eval_metrics import agreement, cohens_kappa, mean_goodness_at, strongreject_score
 from .eval_sets import EvalItem, jailbreak_set, load_eval_set, load_jsonl_set
 from .io import atomic_path, sha256_text, write_json, write_jsonl
-from .judges import Judge, JudgeItem, LLMJudge, make_judge
+from .judges import Judge, JudgeItem, LLMJudge, expected_style, make_judge
 from .params import Params
 from .params.common import Backend, Sampling
 from .params.evaluation import EvalScoresParams, EvalSetsParams
@@ -322,13 +322,8 @@ def spec_text(spec: Spec, category: Optional[str]) -> str:
 
 
 def style_of(item: EvalItem, spec: Spec) -> str:
-    """The response style the spec asks for: the item's policy's style, else the first style of its expected label."""
-    if item.policy:
-        try:
-            return spec.policy(item.policy).style
-        except PipelineError:
-            pass
-    return STYLES_FOR_EXPECTED[item.expected][0]
+    """The response style the spec asks for (one rule for judging and evaluation: judges.expected_style)."""
+    return expected_style(item, spec)
 
 
 def style_elements(style: str, answer: str, declined: bool, max_words: int) -> Dict[str, bool]:

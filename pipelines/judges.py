@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence
 
+from .errors import PipelineError
 from .params.common import JudgeParams
 from .refusal import APOLOGY, DISCLAIMER, EMPATHY, INABILITY, RESOURCES, is_refusal, word_count
 from .spec import POLICY_ID, STYLES_FOR_EXPECTED, Spec
@@ -39,11 +40,13 @@ class Verdict:
     saw_cot: bool
 
 
-def expected_style(item: JudgeItem, spec: Spec) -> str:
+def expected_style(item, spec: Spec) -> str:
+    """The response style the spec asks for (any item with .policy and .expected): the policy's style, else the
+    first style of the expected label."""
     if item.policy:
         try:
             return spec.policy(item.policy).style
-        except Exception:
+        except PipelineError:
             pass
     return STYLES_FOR_EXPECTED[item.expected][0]
 
