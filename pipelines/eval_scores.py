@@ -84,7 +84,7 @@ from .params.common import Backend, Sampling
 from .params.evaluation import EvalScoresParams, EvalSetsParams
 from .refusal import APOLOGY, DISCLAIMER, EMPATHY, RESOURCES, is_refusal, word_count
 from .shards import fingerprint, run_sharded
-from .spec import POLICY_ID, STYLES, STYLES_FOR_EXPECTED, Spec, load_spec
+from .spec import POLICY_ID, STYLES, Spec, load_spec
 
 log = logging.getLogger("eval_scores")
 
