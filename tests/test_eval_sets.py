@@ -19,6 +19,7 @@ from pipelines.eval_sets import (
 )
 from pipelines.jailbreaks import TRANSFORMS, apply, recover
 from pipelines.spec import STYLES_FOR_EXPECTED, load_spec
+from spec_cases import spec_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALS = ROOT / "data" / "evals"
@@ -414,21 +415,13 @@ def _training_prompts() -> dict:
     return rows
 
 
-def _spec_cases() -> dict:
-    """The worked examples quoted in the spec's '## Cases' sections: the generator sees them, so evals avoid them."""
-    cases = {}
-    for path in sorted((ROOT / "data" / "spec" / "categories").glob("*.md")):
-        for n, m in enumerate(re.finditer(r'^- "(.+?)" ->', path.read_text(encoding="utf-8"), re.M), 1):
-            cases[f"{path.name}:case{n}"] = m.group(1)
-    return cases
-
 
 def test_eval_sets_are_disjoint_from_training_prompts_and_spec_cases(harmful, benign):
     train = _training_prompts()
     if not train:
         pytest.skip("data/prompts/*.jsonl has no prompts yet")
     evals = {i.id: i.prompt for i in harmful + benign}
-    hits = near_duplicates(evals, {**train, **_spec_cases()})
+    hits = near_duplicates(evals, {**train, **spec_cases()})
     assert not hits, f"{len(hits)} eval prompts overlap training prompts or spec cases: {hits[:10]}"
 
 

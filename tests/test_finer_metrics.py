@@ -14,7 +14,8 @@ from pipelines.judges import make_judge
 from pipelines.params import JudgeParams
 from pipelines.params.evaluation import EvalScoresParams, EvalSetsParams
 from pipelines.spec import STYLES_FOR_EXPECTED, load_spec
-from test_eval_sets import _spec_cases, _training_prompts, near_duplicates
+from spec_cases import spec_cases
+from test_eval_sets import _training_prompts, near_duplicates
 
 CATS = ["erotic", "extremism", "harassment", "illicit_behavior", "regulated_advice", "self_harm", "violence"]
 SPEC = load_spec(ROOT / "data/spec", CATS)
@@ -142,7 +143,7 @@ def test_multilingual_file_covers_every_category_in_several_languages(multilingu
 
 def test_new_eval_prompts_overlap_no_training_eval_or_gold_prompt(transformations, multilingual):
     new = {i.id: i.prompt for i in transformations + multilingual}
-    others = {**_training_prompts(), **_spec_cases()}
+    others = {**_training_prompts(), **spec_cases()}
     for name in ("harmful", "benign"):
         others.update({i.id: i.prompt for i in load_eval_set(EVALS / f"{name}.jsonl")})
     for ln in (EVALS / "judge_gold/gold.jsonl").read_text(encoding="utf-8").splitlines():

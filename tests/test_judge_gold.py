@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.spec import POLICY_ID, STYLES, STYLES_FOR_EXPECTED, load_spec
+from spec_cases import spec_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLD = ROOT / "data" / "evals" / "judge_gold" / "gold.jsonl"
@@ -344,19 +345,12 @@ def _jsonl_prompts(paths) -> dict:
     return out
 
 
-def _spec_cases() -> dict:
-    cases = {}
-    for path in sorted((ROOT / "data" / "spec" / "categories").glob("*.md")):
-        for n, m in enumerate(re.finditer(r'^- "(.+?)" ->', path.read_text(encoding="utf-8"), re.M), 1):
-            cases[f"{path.name}:case{n}"] = m.group(1)
-    return cases
-
 
 def test_gold_prompts_are_new(gold):
     training = _jsonl_prompts(sorted((ROOT / "data" / "prompts").glob("*.jsonl")))
     evals = _jsonl_prompts(sorted((ROOT / "data" / "evals").glob("*.jsonl")))  # not recursive: gold is not included
     assert training and evals, "training or eval prompts not found"
-    hits = overlaps({r["id"]: r["prompt"] for r in gold}, {**training, **evals, **_spec_cases()})
+    hits = overlaps({r["id"]: r["prompt"] for r in gold}, {**training, **evals, **spec_cases()})
     assert not hits, f"{len(hits)} gold prompts overlap training/eval prompts or spec cases: {hits[:10]}"
 
 
