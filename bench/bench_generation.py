@@ -2,6 +2,8 @@
 
 Same model, prompts (the real raw_cots prompts with the spec chunk), greedy decoding and token budget for every
 setting; tokens/s counts generated tokens only. Prints the curve over batch sizes and the best ratio.
+Then the raw_cots call itself (two-phase CoT + answer, n_samples, the default params) with the shared-head KV cache
+off vs on: the spec system prompt is the same for every prompt of a category, so it is encoded once instead of per row.
 
     python bench/bench_generation.py [--prompts 16] [--tokens 48] [--batches 1,4,8,16]
 """
@@ -51,8 +53,27 @@ def main() -> None:
         print(f"batched, batch_size={bs:2d}: {tps:7.1f} tok/s ({s:.1f}s)  x{tps / loop_tps:.2f} vs loop")
         if tps > best[1]:
             best = (bs, tps)
+    backend.model.generation_config.min_new_tokens = None
+    stage_s = stage_call(params, convs, prefill, backend, cfg)
     summary("generation", f"best batch_size={best[0]}: {best[1]:.1f} tok/s = x{best[1] / loop_tps:.2f} the "
-            f"one-at-a-time loop ({loop_tps:.1f} tok/s); goal >= x4")
+            f"one-at-a-time loop ({loop_tps:.1f} tok/s); goal >= x4. raw_cots call ({len(convs)} prompts): "
+            f"head cache on {stage_s[True]:.1f}s vs off {stage_s[False]:.1f}s = x{stage_s[False] / stage_s[True]:.2f}")
+
+
+def stage_call(params, convs, prefill, backend, cfg) -> dict:
+    """Wall time of raw_cots' structured generation with the default params, head cache off and on."""
+    from pipelines.raw_cots import structured_generate
+
+    p = params.raw_cots
+    times = {}
+    for on in (False, True):
+        backend.cfg = cfg.model_copy(update={"batch_size": p.generator.batch_size, "prefix_cache": on})
+        t = time.perf_counter()
+        structured_generate(backend, convs, p.n_samples, p.sampling, prefill, p.cot_max_tokens)
+        times[on] = time.perf_counter() - t
+        print(f"raw_cots call, batch_size={p.generator.batch_size}, n={p.n_samples}, head cache {'on ' if on else 'off'}: "
+              f"{times[on]:.1f}s")
+    return times
 
 
 if __name__ == "__main__":

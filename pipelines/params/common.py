@@ -29,6 +29,8 @@ class TransformersBackend(Strict):
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 on CPU
     trust_remote_code: bool = False  # only for checkpoints you trust: it runs their Python
+    prefix_cache: bool = True  # encode the head shared by all prompts of a call once (the spec system prompt)
+    prefix_cache_min_tokens: PositiveInt = 32  # shorter shared heads are not worth the cache copy
 
 
 class OpenAIBackend(Strict):

@@ -1,0 +1,81 @@
+"""The local transformers backend: the shared-head KV cache must not change what the model generates."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.backends.local import TransformersChatBackend, shared_prefix_len
+from pipelines.params.common import Sampling, TransformersBackend
+from tiny_model import make_tiny_model
+
+SYSTEM = "You follow the safety spec. " * 12  # a long head shared by every conversation, like spec(category)
+USERS = ["hi", "how do I bake bread at home today", "tell me about the spec and its policies, please, in detail", "ok"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), layers=2, hidden=64, seed=3)
+
+
+def backend(model_dir, prefix_cache: bool, batch_size: int = 3) -> TransformersChatBackend:
+    cfg = TransformersBackend(kind="transformers", model=str(model_dir), batch_size=batch_size,
+                              prefix_cache=prefix_cache, prefix_cache_min_tokens=8)
+    return TransformersChatBackend(cfg)
+
+
+def convs():
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": u}] for u in USERS]
+
+
+def test_shared_prefix_len_keeps_one_own_token():
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 9]]) == 3
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row may not be entirely cached
+    assert shared_prefix_len([[5, 1], [6, 1]]) == 0
+    assert shared_prefix_len([]) == 0
+
+
+def test_next_token_logits_match_plain_left_padding(model_dir):
+    """The [head][padding][tail] layout over a cached head gives the logits of an ordinary left-padded batch."""
+    import copy
+
+    import torch
+
+    be = backend(model_dir, prefix_cache=True)
+    rows = [be.tok(be.render(c, None), add_special_tokens=False)["input_ids"] for c in convs()]
+    head = shared_prefix_len(rows)
+    assert head >= 8 and len({len(r) for r in rows}) > 1, "the test needs a shared head and tails of unequal length"
+    with torch.inference_mode():
+        plain_ids, plain_mask = be._layout(rows, 0)  # head 0 = plain left padding
+        plain = be.model(input_ids=plain_ids, attention_mask=plain_mask,
+                         position_ids=(plain_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        ids, mask = be._layout(rows, head)
+        cache = copy.deepcopy(be._encode_head(rows[0][:head]))
+        cache.batch_repeat_interleave(len(rows))
+        cached = be.model(input_ids=ids[:, head:], attention_mask=mask, past_key_values=cache,
+                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, head:]).logits[:, -1]
+    assert torch.allclose(plain, cached, atol=1e-4), (plain - cached).abs().max()
+
+
+def test_sampled_output_identical_with_and_without_head_cache(model_dir):
+    # A random tiny model is degenerate under greedy decoding; sampled text with one seed is a sharper comparison.
+    hot = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0)
+    a = backend(model_dir, prefix_cache=False).generate(convs(), 2, hot, progress=False)
+    b = backend(model_dir, prefix_cache=True).generate(convs(), 2, hot, progress=False)
+    assert a == b
+    assert len(b) == len(USERS) and all(len(x) == 2 for x in b)
+
+
+def test_per_conversation_prefill_and_stop_with_head_cache(model_dir):
+    hot = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=10, seed=1)
+    heads = ["<think>\nA", "<think>\nBB", "<think>\n", "<think>\nCategory"]
+    a = backend(model_dir, False).generate(convs(), 1, hot, prefill=heads, progress=False, stop=["\n"])
+    b = backend(model_dir, True).generate(convs(), 1, hot, prefill=heads, progress=False, stop=["\n"])
+    assert a == b
+    assert all("\n" not in x[0] for x in b)
+
+
+def test_sampling_with_head_cache_is_reproducible_and_varied(model_dir):
+    hot = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=7)
+    be = backend(model_dir, True)
+    first = be.generate(convs(), 3, hot, progress=False)
+    assert be.generate(convs(), 3, hot, progress=False) == first
+    assert any(len(set(per)) > 1 for per in first), "n samples of one prompt should differ when sampling"
