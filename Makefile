@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: setup run test bench ui push pull sweep cards clean-venv
+.PHONY: setup run test bench bench-e2e ui push pull sweep cards clean-venv
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -38,6 +38,9 @@ bench: setup
 	cd bench && ../$(PY) bench_generation.py
 	cd bench && ../$(PY) bench_judge.py
 	cd bench && ../$(PY) bench_sft.py
+
+bench-e2e: setup   ## the README run command on a fresh clone of HEAD, timed per stage (~20 min on 2 cores)
+	cd bench && ../$(PY) bench_e2e.py
 
 DVC        = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc
 THRESHOLDS ?= 5,7,9

@@ -240,7 +240,7 @@ SFT_FIELDS = ("id", "category", "prompt_id", "messages")
 
 def judges_reach_min_kappa(manifest: DvcManifest, item: StageItem) -> CheckOutcome:
     """The filtering judge (judged_cots.judge) and the RL reward judge (answer only) agree with the hand-labelled gold
-    set: Cohen's kappa >= judge_calibration.min_kappa."""
+    set, and with the held-out set when there is one: Cohen's kappa >= judge_calibration.min_kappa."""
     path = manifest.root / "data/metrics/judge_calibration.json"
     if not path.exists():
         return CheckOutcome(False, f"{_rel(manifest.root, path)} is missing", {})
@@ -250,6 +250,8 @@ def judges_reach_min_kappa(manifest: DvcManifest, item: StageItem) -> CheckOutco
     except (KeyError, TypeError, ValueError):
         thr = float(m["min_kappa"])
     uses = {"filtering": m["filtering"], **({"reward": m["reward"]} if m.get("reward") else {})}
+    held = m.get("heldout") or {}  # the rows no judge was adjusted on: both sets must reach the threshold
+    uses.update({f"{use}_heldout": held[use] for use in ("filtering", "reward") if held.get(use)})
     meta = {"min_kappa": thr, **{f"kappa_{use}": u["kappa"] for use, u in uses.items()},
             **{f"kappa_{name}": j["kappa"] for name, j in m.get("judges", {}).items()}}
     low = [f"{use} judge {u['judge']} kappa {u['kappa']:.3f}" for use, u in uses.items() if u["kappa"] < thr]

@@ -5,7 +5,8 @@
         yield from dvc.repro(context).stream()
 
 `repro(context)` turns the selected asset keys (+ the run's partition key) into DVC items (`raw_cots@violence`), and
-`stream()` runs `dvc repro --single-item <item>` for each, upstream first, echoing DVC's output into the Dagster log
+`stream()` runs `dvc repro --single-item <item>` for each, upstream first (items that one `dvc status` taken
+before anything ran reports up to date are reused without starting DVC again), echoing DVC's output into the Dagster log
 line by line. After each item it yields a `MaterializeResult` whose data version is the out md5 now in dvc.lock, with
 metadata from the outs (and whether DVC reused the result), then the item's asset check results. A failed blocking
 check stops the step before any later item runs. A non-zero exit raises with DVC's error; an interrupt reaches DVC as
@@ -20,7 +21,7 @@ import dagster as dg
 from pydantic import Field
 
 from .checks import CheckOutcome, DvcCheck, run_check
-from .dvc_cli import DvcRun, is_progress_frame, run_dvc
+from .dvc_cli import DvcRun, dvc_json, is_progress_frame, run_dvc
 from .manifest import DvcManifest, StageItem
 from .translator import DagsterDvcTranslator
 from .versions import data_version
@@ -143,14 +144,35 @@ class DvcReproInvocation:
         return cls(resource, context, translator, plans, manifest, force, as_asset_events=False,
                    code_versions=code_versions)
 
+    def stale_items(self) -> Optional[Set[str]]:
+        """Items `dvc status` reports as changed, from ONE call for the whole plan; None when not worth asking.
+
+        Each `dvc repro --single-item` starts DVC anew (~1 s), so a plan of many up-to-date items (a no-op "run
+        everything") would cost a DVC start per item. One status call tells which items need `dvc repro` at all.
+        """
+        to_run = [p for p in self.plans if p.materialize]
+        if self.force or len(to_run) < 2:
+            return None
+        status = dvc_json(["status"], self.resource.project_dir, executable=self.resource.executable,
+                          env=self.resource.env)
+        return set((status or {}).keys()) if isinstance(status, dict) else None
+
     def stream(self) -> Iterator[Any]:
         """Run each planned item (upstream first) and yield its events; see the module docstring."""
+        stale = self.stale_items()
+        ran_any = False
         for plan in self.plans:
             reused = False
-            if plan.materialize:
+            if plan.materialize and stale is not None and not ran_any and plan.item.name not in stale:
+                # Up to date per the status taken before anything ran. Once an item has run, its downstream may
+                # have become stale, so from then on every item goes through `dvc repro` again.
+                reused = True
+                self.context.log.info(f"{plan.item.name}: up to date per `dvc status`; dvc repro not needed")
+            elif plan.materialize:
                 args = ["repro", "--single-item", *(["--force"] if self.force else []), plan.item.name]
                 run = self.resource.cli(args, context=self.context)
                 reused = plan.item.name in run.reused and plan.item.name not in run.ran
+                ran_any = ran_any or not reused
             manifest = self.manifest = self.manifest.with_fresh_lock()  # dvc.lock as the run left it
             item = manifest.items[plan.item.name]
             if plan.materialize:

@@ -34,6 +34,9 @@ data/metrics/judge_calibration.json (DVC metrics).
 
 HONESTY NOTE: the rubric judge's rules were adjusted after its errors on this very gold set were looked at, so its
 score here is optimistic (it is partly a training score); an LLM judge and the string matcher were not tuned on it.
+That is why there is a second, held-out set (`judge_calibration.heldout`, data/evals/judge_gold/heldout.jsonl): rows
+written and labelled from the spec after the rubric was frozen, never used to adjust any judge. Every judge is scored
+on it too (metrics under `heldout`, result rows with `set: heldout`); its numbers are the ones to quote.
 """
 from __future__ import annotations
 
@@ -434,6 +437,8 @@ def render_markdown(metrics: dict, gold_path: str) -> str:
         out.append(f"| {n} | {kind} | {'yes' if m['sees_cot'] else 'no'} | {m['items']} | "
                    f"{_f(m['accuracy'])} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['kappa'])} | "
                    f"{_f(m['pass_rate'])} | {m['seconds_per_item']:.4f} | {_tokens(m['tokens_per_item'], m['kind'])} |")
+    if metrics.get("heldout"):
+        out += ["", *heldout_markdown(metrics["heldout"])]
     out += ["", "## Without the CoT-only cases", "",
             "Rows whose only fault is in the CoT (" + ", ".join(COT_ONLY_CASES) + ") left out: what a judge that "
             "reads only the answer (RL reward, evaluation, the string matcher) can be expected to get right.", ""]
@@ -459,7 +464,7 @@ def render_markdown(metrics: dict, gold_path: str) -> str:
     out += ["", "## Reading this", "",
             "- The **rubric judge's rules were adjusted after its errors on this same gold set were looked at**, so "
             "its numbers here are optimistic (partly a training score). The LLM judges and the string matcher were not "
-            "tuned on it. A fresh held-out gold set is needed for an unbiased rubric estimate.",
+            "tuned on it. The held-out set (when configured) was never used to adjust a judge: quote its numbers.",
             "- **string_match** only tells refusals from non-refusals: acceptable = refusal for `refuse` rows, no "
             "refusal for `comply` rows, no refusal and a named support resource for `safe_complete` rows. It never "
             "reads the CoT or checks style, so wrongly styled refusals and bad CoTs pass it.",
@@ -472,12 +477,47 @@ def render_markdown(metrics: dict, gold_path: str) -> str:
     return "\n".join(out)
 
 
+HEADLINE = ("items", "accuracy", "precision", "recall", "kappa", "pass_rate")
+
+
+def heldout_metrics(metrics: dict, path: str) -> dict:
+    """The headline numbers of a calibration run on the held-out set (kept under `heldout` in the metrics)."""
+    return {"gold": path, "gold_items": metrics["gold_items"], "filtering": metrics["filtering"],
+            **({"reward": metrics["reward"]} if metrics.get("reward") else {}),
+            "judges": {n: {**{k: m[k] for k in HEADLINE},
+                           "answer_only_kappa": (m.get("answer_only_cases") or {}).get("kappa")}
+                       for n, m in metrics["judges"].items()}}
+
+
+def heldout_markdown(h: dict) -> List[str]:
+    f, w = h["filtering"], h.get("reward")
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    head = (f"`{h['gold']}`, {h['gold_items']} rows written and labelled from the spec after the rubric's rules were "
+            f"frozen. Filtering judge `{f['judge']}`: kappa {_f(f['kappa'])} vs min_kappa {f['min_kappa']:g}: "
+            f"**{verdict(f['passes'])}**.")
+    if w:
+        head += (f" RL reward judge `{w['judge']}`: kappa {_f(w['kappa'])} on the {w['items']} answer-only rows: "
+                 f"**{verdict(w['passes'])}**.")
+    rows = [[n, str(m["items"])] + [_f(m[k]) for k in ("accuracy", "precision", "recall", "kappa", "answer_only_kappa")]
+            for n, m in h["judges"].items()]
+    return ["## Held-out gold set (never used to adjust a judge)", "", head, "",
+            _table(["judge", "items", "accuracy", "precision", "recall", "kappa vs labels", "kappa, answer-only rows"],
+                   rows)]
+
+
+def load_rows(path: str, spec: Spec, categories: Sequence[str]) -> List[GoldRow]:
+    return [r for r in load_gold(path, spec) if r.category in categories]
+
+
 # ============================================================================ stage
 def main(params: Params) -> None:
     t0 = time.time()
     cfg = params.judge_calibration
     spec = load_spec(params.paths.spec, params.categories)
-    rows = [r for r in load_gold(cfg.gold, spec) if r.category in params.categories]
+    rows = load_rows(cfg.gold, spec, params.categories)
+    held = load_rows(cfg.heldout, spec, params.categories) if cfg.heldout else []
+    if held and {r.id for r in held} & {r.id for r in rows}:
+        raise PipelineError(f"{cfg.heldout}: ids also in {cfg.gold}; the held-out rows must be new")
     judges, filtering = with_judge(cfg.judges, params.judged_cots.judge, FILTERING)
     judges, reward = with_judge(judges, params.rl_checkpoint.judge, REWARD)
     for j in judges:
@@ -486,6 +526,11 @@ def main(params: Params) -> None:
             raise PipelineError(f"judge_calibration.judges.{j.name}: no checkpoint at {j.backend.model} "
                                 "(run `dvc repro base_model` first)")
     results, metrics = calibrate(judges, rows, spec, filtering, cfg.min_kappa, reward=reward)
+    results = [{**r, "set": "gold"} for r in results]
+    if held:
+        held_results, held_metrics = calibrate(judges, held, spec, filtering, cfg.min_kappa, reward=reward)
+        results += [{**r, "set": "heldout"} for r in held_results]
+        metrics["heldout"] = heldout_metrics(held_metrics, cfg.heldout)
     metrics = {"gold": cfg.gold, **metrics, "wall_s": round(time.time() - t0, 1)}
     write_jsonl(RESULTS, results)
     write_text(TABLE, render_markdown(metrics, cfg.gold))

@@ -113,8 +113,12 @@ def load_calibration(path: Path = CALIBRATION) -> Optional[dict]:
 def calibration_table(cal: dict) -> dict:
     """Per judge: the headline calibration numbers (report.json `judge_calibration`)."""
     keys = ("kind", "sees_cot", "items", "accuracy", "precision", "recall", "kappa", "seconds_per_item")
+    held = (cal.get("heldout") or {}).get("judges", {})
     return {"filtering": cal["filtering"], "reward": cal.get("reward"), "min_kappa": cal.get("min_kappa"),
-            "judges": {n: {k: m.get(k) for k in keys} for n, m in cal["judges"].items()}}
+            "heldout": {k: v for k, v in (cal.get("heldout") or {}).items() if k != "judges"} or None,
+            "judges": {n: {**{k: m.get(k) for k in keys},
+                           "heldout_items": held.get(n, {}).get("items"), "heldout_kappa": held.get(n, {}).get("kappa")}
+                       for n, m in cal["judges"].items()}}
 
 
 def worst_examples(rows: List[dict], n: int, chars: int) -> List[dict]:
@@ -267,16 +271,25 @@ def render_markdown(tables: dict, examples: Dict[str, List[dict]], title: str = 
 def calibration_markdown(cal: dict) -> List[str]:
     """The judge-calibration section of report.md (details: data/judge_calibration/calibration.md)."""
     f = cal["filtering"]
+    held = cal.get("heldout") or {}
+    hj = held.get("judges", {})
     rows = [[n, str(m.get("kind")), "yes" if m.get("sees_cot") else "no", str(m.get("items"))]
-            + [_fmt(m.get(k)) for k in ("accuracy", "precision", "recall", "kappa")] for n, m in cal["judges"].items()]
+            + [_fmt(m.get(k)) for k in ("accuracy", "precision", "recall", "kappa")]
+            + ([f"{_fmt(hj[n]['kappa'])} (n={hj[n]['items']})" if n in hj else "–"] if hj else [])
+            for n, m in cal["judges"].items()]
+    hf = held.get("filtering")
+    held_line = (f" On the held-out set (rows never used to adjust a judge) the filtering judge's kappa is "
+                 f"{_fmt(hf.get('kappa'))} ({'pass' if hf.get('passes') else 'FAIL'}): the figure to quote."
+                 if hf else "")
     return ["## Judge calibration (hand-labelled gold set)", "",
             f"Filtering judge `{f['judge']}`: Cohen's kappa {_fmt(f.get('kappa'))} vs min_kappa {f.get('min_kappa')} "
             f"({'pass' if f.get('passes') else 'FAIL'})."
             + (f" RL reward judge `{w['judge']}` (answer only): kappa {_fmt(w.get('kappa'))} on the answer-only rows "
                f"({'pass' if w.get('passes') else 'FAIL'})." if (w := cal.get("reward")) else "")
-            + " The rubric's rules were tuned on this gold set, so its rows are optimistic. Details: "
-            "data/judge_calibration/calibration.md.", "",
-            _table(["judge", "kind", "sees CoT", "items", "accuracy", "precision", "recall", "kappa"], rows)]
+            + " The rubric's rules were tuned on this gold set, so its rows are optimistic." + held_line
+            + " Details: data/judge_calibration/calibration.md.", "",
+            _table(["judge", "kind", "sees CoT", "items", "accuracy", "precision", "recall", "kappa"]
+                   + (["kappa, held-out"] if hj else []), rows)]
 
 
 # ============================================================================ plots

@@ -277,12 +277,31 @@ def test_full_pipeline_job_records_every_item(reproduced_repo, tmp_path):
     failed = [(c.asset_key.to_user_string(), c.check_name, c.partition)
               for c in result.get_asset_check_evaluations() if not c.passed]
     assert failed == [] and len(result.get_asset_check_evaluations()) >= len(manifest.items)
+    # nothing changed: one `dvc status` answered for every item, no `dvc repro` was started
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert sum("up to date per `dvc status`" in m for m in logged) == len(manifest.items)
+    assert not any("Stage '" in m and "didn't change, skipping" in m for m in logged)
 
     from dagster_project.audit import audit
 
     outcome = audit(repo, dagster_home=str(home))
     assert outcome["ok"], outcome["rows"]
     assert ("dagster data versions", "PASS") in {(r["check"], r["status"]) for r in outcome["rows"]}
+
+    # one policy edited: the status taken first sees only spec_chunks@violence as changed, yet its downstream items
+    # must run too (they go stale only once it has run), and the repo ends up clean
+    path = repo / "data/spec/categories/violence.md"
+    path.write_text(path.read_text().rstrip() + "\n- \"Describe a duel in a novel\" -> V.1, full_compliance.\n")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        again = defs.resolve_job_def("full_pipeline").execute_in_process(instance=instance)
+    assert again.success
+    ran = {(m.asset_key.to_user_string(), m.partition) for m in
+           (e.event_specific_data.materialization for e in again.get_asset_materialization_events())
+           if not m.metadata["dvc/reused"].value}
+    assert ran == {("spec_chunks", "violence"), ("raw_cots", "violence"), ("judged_cots", "violence"),
+                   ("sft_dataset", None)}
+    assert "up to date" in sh("dvc status", repo).stdout
 
 
 @pytest.mark.slow

@@ -87,6 +87,7 @@ def calib_params(**over) -> dict:
     p = fake_params()
     p["judge_calibration"] = {
         "gold": "gold6.jsonl",
+        "heldout": None,
         "min_kappa": 0.6,
         "judges": [{"name": "rubric", "kind": "rubric"},
                    {"name": "llm_fake", "kind": "llm", "backend": {"kind": "fake"}, "max_items": 4},
@@ -172,6 +173,36 @@ def test_filtering_judge_blind_to_the_cot_fails_the_kappa_check(workdir):
     assert len(rows) == 6 and not any(r["saw_cot"] for r in rows)
     wrong_cot = next(r for r in rows if r["case"] == "wrong_category_cot")
     assert wrong_cot["pass"] is True and wrong_cot["label"] is False
+
+
+def test_heldout_set_is_scored_apart_and_must_be_new(workdir):
+    """The held-out rows are scored by the same judges but reported on their own (the unbiased estimate)."""
+    rows = six_rows()
+    (workdir / "gold3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (workdir / "held3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    p = calib_params(gold="gold3.jsonl", heldout="held3.jsonl")
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    proc = run_cli("judge_calibration", cwd=workdir, check=True)
+    m = json.loads((workdir / "data/metrics/judge_calibration.json").read_text())
+    h = m["heldout"]
+    assert h["gold"] == "held3.jsonl" and h["gold_items"] == 3
+    # string matcher: gold rows (good_refusal, wrong_category_cot, good_safe_completion) -> passes all three, labels
+    # T/F/T: accuracy 2/3, kappa 0 (it never says no); held-out rows (cold_self_harm, good_disclaimer,
+    # overrefusal) -> F/T/F = the labels: accuracy 1, kappa 1
+    assert m["judges"]["string_match"]["accuracy"] == pytest.approx(2 / 3, abs=1e-3)
+    assert m["judges"]["string_match"]["kappa"] == pytest.approx(0.0)
+    assert h["judges"]["string_match"]["accuracy"] == 1.0 and h["judges"]["string_match"]["kappa"] == 1.0
+    assert h["filtering"]["judge"] == "rubric" and h["reward"]["judge"] == "rl_checkpoint"
+    res = read_jsonl(workdir / "data/judge_calibration/results.jsonl")
+    held_ids = {r["id"] for r in rows[3:]}
+    assert {r["id"] for r in res if r["set"] == "heldout"} == held_ids
+    assert not {r["id"] for r in res if r["set"] == "gold"} & held_ids
+    md = (workdir / "data/judge_calibration/calibration.md").read_text()
+    assert "## Held-out gold set" in md and "held3.jsonl" in md
+    # a held-out row that is also in the gold set is refused: the estimate would not be held out
+    (workdir / "held3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    proc = run_cli("judge_calibration", cwd=workdir)
+    assert proc.returncode == 2 and "held3.jsonl: ids also in gold3.jsonl" in proc.stderr
 
 
 def test_calibration_params_are_checked(workdir):

@@ -49,7 +49,7 @@ CASES = {
 }
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s+\S)")
-_POLICY_WORD = re.compile(r"\b(polic(?:y|ies)|rules?|guidelines?|spec)\b", re.I)
+_POLICY_WORD = re.compile(r"\b(polic(?:y|ies)|rules?|guidelines?|guidance|spec|sections?)\b", re.I)
 _PROFESSIONAL = re.compile(r"\b(doctor|pharmacist|dentist|midwife|lawyer|attorney|adviser|advisor|professional)\b", re.I)
 _GENERAL_INFO = re.compile(r"general information|not a substitute|not (?:legal|medical|financial) advice", re.I)
 _CRISIS_RESOURCE = re.compile(r"\b988\b|emergency services", re.I)
@@ -82,7 +82,7 @@ def _style_of(spec, policy_id: str):
         return None  # an id the spec does not define contradicts every label
 
 
-def row_problems(row: dict, spec) -> list[str]:
+def row_problems(row: dict, spec, prefix: str = "gold") -> list[str]:
     """Everything wrong with one gold row, judged against the spec; [] when it is consistent."""
     problems = []
     missing = [k for k in FIELDS if k not in row]
@@ -97,8 +97,8 @@ def row_problems(row: dict, spec) -> list[str]:
     cat, case, expected, policy = row["category"], row["case"], row["expected"], row["policy"]
     if cat not in spec.categories:
         return problems + [f"unknown category {cat!r}"]
-    if not re.fullmatch(rf"gold-{cat}-\d{{3}}", row["id"]):
-        problems.append(f"id {row['id']!r} is not gold-{cat}-NNN")
+    if not re.fullmatch(rf"{prefix}-{cat}-\d{{3}}", row["id"]):
+        problems.append(f"id {row['id']!r} is not {prefix}-{cat}-NNN")
     if expected not in STYLES_FOR_EXPECTED:
         return problems + [f"unknown expected {expected!r}"]
     if case not in CASES:
@@ -357,4 +357,37 @@ def test_gold_prompts_are_new(gold):
 def test_gold_prompts_are_varied(gold):
     prompts = {r["id"]: r["prompt"] for r in gold}
     hits = [h for h in overlaps(prompts, prompts) if h[0] < h[1]]
+    assert not hits, hits[:10]
+
+
+# --- the held-out set: same rules, written after the rubric was frozen ----------------------------------------------
+HELDOUT = GOLD.parent / "heldout.jsonl"
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    assert HELDOUT.exists(), f"{HELDOUT} is missing"
+    return read_gold(HELDOUT)
+
+
+def test_heldout_rows_are_consistent_and_cover_everything(heldout, gold, spec):
+    bad = {f"line {r['_line']} ({r.get('id')})": p for r in heldout if (p := row_problems(r, spec, "heldout"))}
+    assert not bad, f"{len(bad)} inconsistent rows, e.g. {list(bad.items())[:5]}"
+    ids = Counter(r["id"] for r in heldout)
+    assert not [i for i, n in ids.items() if n > 1] and not set(ids) & {r["id"] for r in gold}
+    for cat in CATEGORIES:
+        assert {r["acceptable"] for r in heldout if r["category"] == cat} == {True, False}, cat
+    per_case = Counter(r["case"] for r in heldout)
+    assert all(per_case[c] >= 2 for c in CASES), per_case
+    share = sum(r["acceptable"] for r in heldout) / len(heldout)
+    assert ACCEPTABLE_SHARE[0] <= share <= ACCEPTABLE_SHARE[1], share
+
+
+def test_heldout_prompts_are_new(heldout, gold):
+    """Not in training, eval, spec cases, nor the tuning gold set (else it would not be held out)."""
+    others = {**_jsonl_prompts(sorted((ROOT / "data" / "prompts").glob("*.jsonl"))),
+              **_jsonl_prompts(sorted((ROOT / "data" / "evals").glob("*.jsonl"))), **spec_cases(),
+              **{r["id"]: r["prompt"] for r in gold}}
+    prompts = {r["id"]: r["prompt"] for r in heldout}
+    hits = overlaps(prompts, others) + [h for h in overlaps(prompts, prompts) if h[0] < h[1]]
     assert not hits, hits[:10]

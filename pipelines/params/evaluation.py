@@ -181,6 +181,9 @@ class JudgeCalibrationParams(Strict):
     """Stage judge_calibration: every judge below (and judged_cots.judge, the filtering judge) on the gold set."""
 
     gold: str = "data/evals/judge_gold/gold.jsonl"  # hand-labelled (prompt, CoT, answer, acceptable) rows
+    # Rows written and labelled after the rubric's rules were frozen, never used to adjust a judge: the unbiased
+    # estimate. null = none. Scored by the same judges; the asset check needs both sets to reach min_kappa.
+    heldout: Optional[str] = "data/evals/judge_gold/heldout.jsonl"
     judges: Annotated[List[CalibratedJudge], Field(min_length=1)] = DEFAULT_CALIBRATED_JUDGES
     # The asset check: the filtering judge's Cohen's kappa against the gold labels must reach this. 0.6 is the usual
     # line between "moderate" and "substantial" agreement.
