@@ -300,3 +300,14 @@ def test_prefill_is_sent_for_continuation_and_not_repeated(echo_prefill):
         for text in row:
             assert not text.startswith("<think>")
     assert out == plain  # the stub's continuation is what it would have said anyway, minus any echo
+
+
+def test_repetition_penalty_is_sent_only_when_set():
+    with StubOpenAIServer() as server:
+        with make_backend(server.base_url) as backend:
+            backend.generate(convs("a"), n=1, sampling=SAMPLING, progress=False)
+            backend.generate(convs("b"), n=1, sampling=SAMPLING.model_copy(update={"repetition_penalty": 1.1}),
+                             progress=False)
+        bodies = {r.body["messages"][-1]["content"]: r.body for r in server.chat_requests}
+    assert "repetition_penalty" not in bodies["a"]  # default 1.0: a plain OpenAI request
+    assert bodies["b"]["repetition_penalty"] == 1.1

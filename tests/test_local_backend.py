@@ -79,3 +79,13 @@ def test_sampling_with_head_cache_is_reproducible_and_varied(model_dir):
     first = be.generate(convs(), 3, hot, progress=False)
     assert be.generate(convs(), 3, hot, progress=False) == first
     assert any(len(set(per)) > 1 for per in first), "n samples of one prompt should differ when sampling"
+
+
+def test_repetition_penalty_reaches_generate(model_dir):
+    # greedy decoding of the random tiny model repeats one token; a strong penalty must break the loop
+    greedy = Sampling(temperature=0.0, max_new_tokens=12, seed=0)
+    be = backend(model_dir, True)
+    plain = be.generate(convs()[:2], 1, greedy, progress=False)
+    penalised = be.generate(convs()[:2], 1, greedy.model_copy(update={"repetition_penalty": 5.0}), progress=False)
+    assert all(len(set(x[0])) <= 2 for x in plain), plain  # the loop this guards against
+    assert all(len(set(x[0])) > 2 for x in penalised), penalised

@@ -100,6 +100,7 @@ class TransformersChatBackend:
                     top_p=sampling.top_p if sample else None,
                     top_k=None,
                     max_new_tokens=sampling.max_new_tokens,
+                    repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
                     pad_token_id=self.tok.pad_token_id,
                     stop_strings=list(stop) if stop else None,
                     tokenizer=self.tok if stop else None,

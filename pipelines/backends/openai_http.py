@@ -175,6 +175,8 @@ class OpenAIChatBackend:
         }
         if stop:
             payload["stop"] = list(stop)
+        if sampling.repetition_penalty != 1.0:  # not in the OpenAI API; vLLM and llama.cpp servers read it
+            payload["repetition_penalty"] = sampling.repetition_penalty
         if prefill is not None:
             messages.append({"role": "assistant", "content": prefill})
             # vLLM's extension for continuing the last assistant turn; other servers ignore unknown keys.

@@ -61,6 +61,10 @@ class Sampling(Strict):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
     max_new_tokens: PositiveInt = 160
     seed: int = 0
+    # > 1 discourages repeating tokens already in the text (HF `repetition_penalty`); small greedy models otherwise
+    # loop ("E.1, E.2, E.3, ..."). 1.0 = off. HTTP backends send it only when != 1.0 (vLLM and llama.cpp servers
+    # accept it; a hosted OpenAI endpoint does not).
+    repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
 
 
 # ---------------------------------------------------------------------------- judge
