@@ -144,7 +144,7 @@ def lookup(data: Any, dotted: Optional[str]) -> Any:
 
 # libyaml's parser when PyYAML has it: dvc.lock of the full pipeline is ~150k YAML nodes, and the pure-Python
 # parser took 0.25 s per read (17 s of a 31 s no-op `full_pipeline` run, which re-reads it after every item).
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_FAST = getattr(yaml, "__with_libyaml__", False)
 _PARSED: Dict[Tuple[str, int, int, int], Any] = {}  # (path, inode, mtime_ns, size) -> parsed document
 
 
@@ -156,7 +156,8 @@ def _read_yaml(path: Path, what: str) -> Any:
         if key not in _PARSED:
             if len(_PARSED) > 64:
                 _PARSED.clear()
-            _PARSED[key] = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
+            text = path.read_text(encoding="utf-8")
+            _PARSED[key] = yaml.load(text, Loader=yaml.CSafeLoader) if _FAST else yaml.safe_load(text)
         return copy.deepcopy(_PARSED[key])  # callers may change what they get
     except FileNotFoundError:
         raise ManifestError(f"{path}: {what} not found") from None
