@@ -3,7 +3,8 @@
 Same model, prompts (the real raw_cots prompts with the spec chunk), greedy decoding and token budget for every
 setting; tokens/s counts generated tokens only. Prints the curve over batch sizes and the best ratio.
 Then the raw_cots call itself (two-phase CoT + answer, n_samples, the default params) with the shared-head KV cache
-off vs on: the spec system prompt is the same for every prompt of a category, so it is encoded once instead of per row.
+off vs on: the spec system prompt is the same for every prompt of a category, so it is encoded once instead of per row;
+and with the head cache on, transformers' DynamicCache (a full copy of the cache per step) vs the reserved buffers.
 
     python bench/bench_generation.py [--prompts 16] [--tokens 48] [--batches 1,4,8,16]
 """
@@ -57,22 +58,26 @@ def main() -> None:
     stage_s = stage_call(params, convs, prefill, backend, cfg)
     summary("generation", f"best batch_size={best[0]}: {best[1]:.1f} tok/s = x{best[1] / loop_tps:.2f} the "
             f"one-at-a-time loop ({loop_tps:.1f} tok/s); goal >= x4. raw_cots call ({len(convs)} prompts): "
-            f"head cache on {stage_s[True]:.1f}s vs off {stage_s[False]:.1f}s = x{stage_s[False] / stage_s[True]:.2f}")
+            f"head cache on {stage_s['on']:.1f}s vs off {stage_s['off']:.1f}s = x{stage_s['off'] / stage_s['on']:.2f}; "
+            f"+ reserved KV {stage_s['reserved']:.1f}s = x{stage_s['on'] / stage_s['reserved']:.2f} vs DynamicCache")
 
 
 def stage_call(params, convs, prefill, backend, cfg) -> dict:
-    """Wall time of raw_cots' structured generation with the default params, head cache off and on."""
+    """Wall time of raw_cots' structured generation with the default params: no head cache (transformers'
+    DynamicCache), head cache with DynamicCache, head cache with the reserved-buffer KV cache (the default)."""
     from pipelines.raw_cots import structured_generate
 
     p = params.raw_cots
     times = {}
-    for on in (False, True):
-        backend.cfg = cfg.model_copy(update={"batch_size": p.generator.batch_size, "prefix_cache": on})
+    for name, head, reserved in (("off", False, False), ("on", True, False), ("reserved", True, True)):
+        backend.cfg = cfg.model_copy(update={"batch_size": p.generator.batch_size, "prefix_cache": head,
+                                             "reserved_kv": reserved})
+        backend._head = ((), None)  # no head cache carried over from the previous setting
         t = time.perf_counter()
         structured_generate(backend, convs, p.n_samples, p.sampling, prefill, p.cot_max_tokens)
-        times[on] = time.perf_counter() - t
-        print(f"raw_cots call, batch_size={p.generator.batch_size}, n={p.n_samples}, head cache {'on ' if on else 'off'}: "
-              f"{times[on]:.1f}s")
+        times[name] = time.perf_counter() - t
+        print(f"raw_cots call, batch_size={p.generator.batch_size}, n={p.n_samples}, head cache {'on ' if head else 'off'}, "
+              f"KV cache {'reserved' if reserved else 'dynamic'}: {times[name]:.1f}s")
     return times
 
 

@@ -332,6 +332,7 @@ def trainer_kwargs(section: Any, output_dir: Path) -> Dict[str, Any]:
         lr_scheduler_type=section.lr_scheduler,
         warmup_steps=section.warmup_ratio,  # a float < 1 is a fraction of the total steps
         max_grad_norm=section.max_grad_norm,
+        optim=section.optim,
         seed=section.seed,
         data_seed=section.seed,
         use_cpu=use_cpu,

@@ -16,9 +16,9 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), layers=2, hidden=64, seed=3)
 
 
-def backend(model_dir, prefix_cache: bool, batch_size: int = 3) -> TransformersChatBackend:
+def backend(model_dir, prefix_cache: bool, batch_size: int = 3, reserved_kv: bool = True) -> TransformersChatBackend:
     cfg = TransformersBackend(kind="transformers", model=str(model_dir), batch_size=batch_size,
-                              prefix_cache=prefix_cache, prefix_cache_min_tokens=8)
+                              prefix_cache=prefix_cache, prefix_cache_min_tokens=8, reserved_kv=reserved_kv)
     return TransformersChatBackend(cfg)
 
 
@@ -64,11 +64,14 @@ def test_sampled_output_identical_with_and_without_head_cache(model_dir):
     assert len(b) == len(USERS) and all(len(x) == 2 for x in b)
 
 
-def test_per_conversation_prefill_and_stop_with_head_cache(model_dir):
+@pytest.mark.parametrize("reserved_kv", [True, False])
+def test_per_conversation_prefill_and_stop_with_head_cache(model_dir, reserved_kv):
     hot = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=10, seed=1)
     heads = ["<think>\nA", "<think>\nBB", "<think>\n", "<think>\nCategory"]
-    a = backend(model_dir, False).generate(convs(), 1, hot, prefill=heads, progress=False, stop=["\n"])
-    b = backend(model_dir, True).generate(convs(), 1, hot, prefill=heads, progress=False, stop=["\n"])
+    a = backend(model_dir, False, reserved_kv=False).generate(convs(), 1, hot, prefill=heads, progress=False,
+                                                              stop=["\n"])
+    b = backend(model_dir, True, reserved_kv=reserved_kv).generate(convs(), 1, hot, prefill=heads, progress=False,
+                                                                   stop=["\n"])
     assert a == b
     assert all("\n" not in x[0] for x in b)
 
@@ -89,3 +92,47 @@ def test_repetition_penalty_reaches_generate(model_dir):
     penalised = be.generate(convs()[:2], 1, greedy.model_copy(update={"repetition_penalty": 5.0}), progress=False)
     assert all(len(set(x[0])) <= 2 for x in plain), plain  # the loop this guards against
     assert all(len(set(x[0])) > 2 for x in penalised), penalised
+
+
+def test_reserved_kv_cache_matches_dynamic_cache_through_reallocations(model_dir):
+    """Token-by-token decoding with the reserved-buffer cache (reserve 2: it must regrow several times) gives the
+    logits of transformers' DynamicCache, with and without a shared head copied into the rows."""
+    import torch
+    from transformers import DynamicCache
+
+    from pipelines.backends.local import rows_cache
+
+    be = backend(model_dir, prefix_cache=True)
+    torch.manual_seed(0)
+    seq = torch.randint(0, be.model.config.vocab_size, (3, 12))
+    seq[:, :4] = seq[:1, :4]  # a 4-token head shared by the rows
+    with torch.inference_mode():
+        head = DynamicCache(config=be.model.config)
+        be.model(input_ids=seq[:1, :4], past_key_values=head, use_cache=True)
+        for start, ours in [(0, rows_cache(be.model, None, 3, reserve=2)),
+                            (4, rows_cache(be.model, head, 3, reserve=2))]:
+            ref = DynamicCache(config=be.model.config)
+            if start:
+                be.model(input_ids=seq[:, :start], past_key_values=ref, use_cache=True)
+            for t in range(start, seq.shape[1]):
+                a = be.model(input_ids=seq[:, t:t + 1], past_key_values=ref, use_cache=True).logits
+                b = be.model(input_ids=seq[:, t:t + 1], past_key_values=ours, use_cache=True).logits
+                assert torch.allclose(a, b, atol=1e-5), (start, t, (a - b).abs().max())
+            assert ours.get_seq_length() == seq.shape[1]
+
+
+def test_backend_output_equals_plain_generate(model_dir):
+    """Our cache handling is invisible: the backend samples what model.generate with its default cache samples."""
+    import torch
+
+    hot = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=5)
+    be = backend(model_dir, prefix_cache=False, batch_size=8)
+    ours = be.generate(convs(), 1, hot, progress=False)
+    rows = [be.tok(be.render(c, None), add_special_tokens=False)["input_ids"] for c in convs()]
+    ids, mask = be._layout(rows, 0)
+    torch.manual_seed(hot.seed)
+    with torch.inference_mode():
+        gen = be.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.9,
+                                top_k=None, max_new_tokens=10, pad_token_id=be.tok.pad_token_id)
+    plain = be.tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+    assert [x[0] for x in ours] == plain

@@ -8,6 +8,7 @@ positions in every row; position ids come from the attention mask, so the tail c
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -43,6 +44,65 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", tr
     return model, tok
 
 
+@functools.lru_cache(maxsize=None)
+def reserved_kv_layer_class():
+    """A DynamicLayer that appends into a buffer with room for `reserve` more tokens (defined lazily: transformers
+    is imported only when a model is used)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedKV(DynamicLayer):
+        def __init__(self, reserve: int, keys=None, values=None):
+            super().__init__()
+            self.reserve = reserve
+            self._kbuf = self._vbuf = None
+            if keys is not None:
+                self.update(keys, values)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = self.get_seq_length()
+            end = n + key_states.shape[-2]
+            kb = self._kbuf
+            # a new buffer when there is none, it is full, or keys were replaced behind our back (reorder, select)
+            if kb is None or end > kb.shape[-2] or (n and self.keys.data_ptr() != kb.data_ptr()) \
+                    or kb.shape[0] != key_states.shape[0]:
+                b, h, _, d = key_states.shape
+                self._kbuf = key_states.new_empty(b, h, end + self.reserve, d)
+                self._vbuf = value_states.new_empty(b, value_states.shape[1], end + self.reserve, value_states.shape[3])
+                if n:
+                    self._kbuf[:, :, :n] = self.keys
+                    self._vbuf[:, :, :n] = self.values
+            self._kbuf[:, :, n:end] = key_states
+            self._vbuf[:, :, n:end] = value_states
+            self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+            return self.keys, self.values
+
+    return ReservedKV
+
+
+def rows_cache(model, head_cache, rows: int, reserve: Optional[int]):
+    """A cache for `rows` sequences: the head's keys/values (batch 1) copied into each row, with room for `reserve`
+    more tokens. head_cache None gives an empty cache. reserve None, and models with sliding-window or other special
+    layers, get transformers' own DynamicCache (same values, slower)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    if reserve is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        if head_cache is not None:
+            cache = copy.deepcopy(head_cache)
+            cache.batch_repeat_interleave(rows)
+        return cache
+    layer_cls = reserved_kv_layer_class()
+    if head_cache is None:
+        cache.layers = [layer_cls(reserve) for _ in cache.layers]  # sized on the first update
+    else:
+        cache.layers = [layer_cls(reserve, h.keys.expand(rows, -1, -1, -1), h.values.expand(rows, -1, -1, -1))
+                        for h in head_cache.layers]
+    return cache
+
+
 def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix common to all rows, leaving each row at least one token of its own
     (generate needs one uncached token per row to produce the first logits)."""
@@ -63,6 +123,7 @@ class TransformersChatBackend:
             model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
         self.model, self.tok = model, tokenizer
         self.name = f"transformers:{cfg.model}"
+        self._head = ((), None)  # (token ids, batch-1 cache) of the last shared head encoded
 
     def render(self, conv: Conversation, prefill: Optional[str]) -> str:
         text = self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -78,23 +139,21 @@ class TransformersChatBackend:
         head = shared_prefix_len(ids) if self.cfg.prefix_cache else 0
         if head < self.cfg.prefix_cache_min_tokens:
             head = 0
-        head_cache = self._encode_head(ids[0][:head]) if head else None
+        head_cache = self._head_cache(ids[0][:head]) if head else None
         out: List[List[str]] = []
         bs = self.cfg.batch_size
         bar = tqdm(total=len(texts), desc=f"generate x{n}", unit="prompt", disable=not progress, leave=False)
         for start in range(0, len(texts), bs):
             rows = [r for r in ids[start:start + bs] for _ in range(n)]  # n copies per prompt, grouped by prompt
             input_ids, mask = self._layout(rows, head)
-            kwargs = {}
-            if head_cache is not None:
-                cache = copy.deepcopy(head_cache)
-                cache.batch_repeat_interleave(len(rows))
-                kwargs["past_key_values"] = cache
+            # room for the tails (the first step encodes them) and every new token: no reallocation while decoding
+            reserve = input_ids.shape[1] - head + sampling.max_new_tokens if self.cfg.reserved_kv else None
+            cache = rows_cache(self.model, head_cache, len(rows), reserve)
             torch.manual_seed(sampling.seed + start)  # seed per batch: reproducible for the same call
             sample = sampling.temperature > 0
             with torch.inference_mode():
                 gen = self.model.generate(
-                    input_ids=input_ids, attention_mask=mask, **kwargs,
+                    input_ids=input_ids, attention_mask=mask, past_key_values=cache,
                     do_sample=sample,
                     temperature=sampling.temperature if sample else None,
                     top_p=sampling.top_p if sample else None,
@@ -112,8 +171,13 @@ class TransformersChatBackend:
         bar.close()
         return out
 
+    def _head_cache(self, head_ids: List[int]):
+        if self._head[0] != tuple(head_ids):
+            self._head = (tuple(head_ids), self._encode_head(head_ids))
+        return self._head[1]
+
     def _encode_head(self, head_ids: List[int]):
-        """Key/value cache of the shared head, batch 1; each batch gets a copy repeated to its row count."""
+        """Key/value cache of the shared head, batch 1; each batch copies it into its rows (rows_cache)."""
         import torch
         from transformers import DynamicCache
 

@@ -31,6 +31,9 @@ class TransformersBackend(Strict):
     trust_remote_code: bool = False  # only for checkpoints you trust: it runs their Python
     prefix_cache: bool = True  # encode the head shared by all prompts of a call once (the spec system prompt)
     prefix_cache_min_tokens: PositiveInt = 32  # shorter shared heads are not worth the cache copy
+    # KV cache in buffers sized for the whole call; False = transformers' DynamicCache, which copies the whole cache
+    # every decoding step (same outputs, slower: see bench_generation.py)
+    reserved_kv: bool = True
 
 
 class OpenAIBackend(Strict):

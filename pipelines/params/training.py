@@ -53,6 +53,8 @@ class TrainingStageParams(Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1  # fraction of the steps spent warming up
     max_grad_norm: PositiveFloat = 1.0
+    # AdamW as one fused kernel (CPU and CUDA); measured on the 135M model on 2 CPU cores: 0.06 s vs 0.26 s per step
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
     per_device_batch_size: PositiveInt = 4  # rows per process per micro-step
     gradient_accumulation_steps: PositiveInt = 1  # micro-steps per optimiser step
     seed: int = 0  # data order, dropout, LoRA init and (RL) sampling
