@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.backends.local import TransformersChatBackend, shared_prefix_len
+from pipelines.backends.local import TransformersChatBackend, cache_kw, shared_prefix_len
 from pipelines.params.common import Sampling, TransformersBackend
 from tiny_model import make_tiny_model
 
@@ -50,7 +50,7 @@ def test_next_token_logits_match_plain_left_padding(model_dir):
         ids, mask = be._layout(rows, head)
         cache = copy.deepcopy(be._encode_head(rows[0][:head]))
         cache.batch_repeat_interleave(len(rows))
-        cached = be.model(input_ids=ids[:, head:], attention_mask=mask, past_key_values=cache,
+        cached = be.model(input_ids=ids[:, head:], attention_mask=mask, **{cache_kw(be.model): cache},
                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, head:]).logits[:, -1]
     assert torch.allclose(plain, cached, atol=1e-4), (plain - cached).abs().max()
 
@@ -108,15 +108,15 @@ def test_reserved_kv_cache_matches_dynamic_cache_through_reallocations(model_dir
     seq[:, :4] = seq[:1, :4]  # a 4-token head shared by the rows
     with torch.inference_mode():
         head = DynamicCache(config=be.model.config)
-        be.model(input_ids=seq[:1, :4], past_key_values=head, use_cache=True)
+        be.model(input_ids=seq[:1, :4], **{cache_kw(be.model): head}, use_cache=True)
         for start, ours in [(0, rows_cache(be.model, None, 3, reserve=2)),
                             (4, rows_cache(be.model, head, 3, reserve=2))]:
             ref = DynamicCache(config=be.model.config)
             if start:
-                be.model(input_ids=seq[:, :start], past_key_values=ref, use_cache=True)
+                be.model(input_ids=seq[:, :start], **{cache_kw(be.model): ref}, use_cache=True)
             for t in range(start, seq.shape[1]):
-                a = be.model(input_ids=seq[:, t:t + 1], past_key_values=ref, use_cache=True).logits
-                b = be.model(input_ids=seq[:, t:t + 1], past_key_values=ours, use_cache=True).logits
+                a = be.model(input_ids=seq[:, t:t + 1], **{cache_kw(be.model): ref}, use_cache=True).logits
+                b = be.model(input_ids=seq[:, t:t + 1], **{cache_kw(be.model): ours}, use_cache=True).logits
                 assert torch.allclose(a, b, atol=1e-5), (start, t, (a - b).abs().max())
             assert ours.get_seq_length() == seq.shape[1]
 

@@ -103,6 +103,20 @@ def rows_cache(model, head_cache, rows: int, reserve: Optional[int]):
     return cache
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kw(forward_cls) -> str:
+    import inspect
+
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kw(model) -> str:
+    """The keyword a model's forward/generate takes its KV cache by: `cache` from transformers 5.24 on (the old
+    `past_key_values` is deprecated there and removed from forward in 5.40), `past_key_values` before."""
+    return _cache_kw(type(model))
+
+
 def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix common to all rows, leaving each row at least one token of its own
     (generate needs one uncached token per row to produce the first logits)."""
@@ -153,7 +167,7 @@ class TransformersChatBackend:
             sample = sampling.temperature > 0
             with torch.inference_mode():
                 gen = self.model.generate(
-                    input_ids=input_ids, attention_mask=mask, past_key_values=cache,
+                    input_ids=input_ids, attention_mask=mask, **{cache_kw(self.model): cache},
                     do_sample=sample,
                     temperature=sampling.temperature if sample else None,
                     top_p=sampling.top_p if sample else None,
@@ -183,8 +197,8 @@ class TransformersChatBackend:
 
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            self.model(input_ids=torch.tensor([head_ids], device=self.model.device), past_key_values=cache,
-                       use_cache=True)
+            self.model(input_ids=torch.tensor([head_ids], device=self.model.device), use_cache=True,
+                       **{cache_kw(self.model): cache})
         return cache
 
     def _layout(self, rows: List[List[int]], head: int):
