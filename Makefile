@@ -38,6 +38,7 @@ bench: setup
 	cd bench && ../$(PY) bench_generation.py
 	cd bench && ../$(PY) bench_judge.py
 	cd bench && ../$(PY) bench_sft.py
+	cd bench && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ../$(PY) bench_noop.py
 
 bench-e2e: setup   ## the README run command on a fresh clone of HEAD, timed per stage (~20 min on 2 cores)
 	cd bench && ../$(PY) bench_e2e.py

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from common import ROOT, machine, summary
+from common import ROOT, dagster_noop, machine, summary
 
 
 def sh(cmd: str, cwd: Path) -> tuple[str, float]:
@@ -45,26 +45,6 @@ def samples_done(repo: Path, cats) -> int:
         m = repo / f"data/metrics/raw_cots/{c}.json"
         n += json.loads(m.read_text())["samples"] if m.exists() else 0
     return n
-
-
-def dagster_noop(repo: Path) -> tuple[float, int]:
-    """Run the `full_pipeline` job once in-process on an up-to-date repo; (seconds, items materialized).
-    Definitions are built before the clock starts: a running webserver/daemon has them loaded already."""
-    import dagster as dg
-
-    from dagster_project.build import build_definitions
-
-    os.environ["PYTHONPATH"] = str(repo)
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    job = build_definitions(repo).resolve_job_def("full_pipeline")
-    with dg.DagsterInstance.ephemeral() as instance:
-        t = time.perf_counter()
-        result = job.execute_in_process(instance=instance,  # the run log stays in the instance, not on the screen
-                                        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
-        dt = time.perf_counter() - t
-    if not result.success:
-        raise SystemExit("Dagster full_pipeline failed")
-    return dt, len(result.get_asset_materialization_events())
 
 
 def main() -> None:
@@ -111,7 +91,7 @@ def main() -> None:
     _, status_s = sh("dvc status", repo)
     _, noop_s = sh("dvc repro", repo)
     print(f"no-op: dvc repro {noop_s:.2f}s vs dvc status {status_s:.2f}s = x{noop_s / status_s:.2f}; goal <= x1.5")
-    dagster_s, items = dagster_noop(repo)
+    dagster_s, items, _, _ = dagster_noop(repo)
     print(f"no-op: Dagster full_pipeline job ({items} items materialized + checks) {dagster_s:.2f}s vs dvc status "
           f"{status_s:.2f}s = x{dagster_s / status_s:.2f}; goal <= x1.5")
     summary("incremental", f"one-policy edit redid {inc_samples}/{full_samples} samples "

@@ -6,7 +6,9 @@ Every outcome's metadata shows the observed value next to the threshold it was c
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,9 @@ class DvcCheck:
     description: str
     fn: Callable[[DvcManifest, StageItem], CheckOutcome]
     blocking: bool = False  # a failed blocking check stops downstream assets (in the same step and later steps)
+    # True: a pass is remembered per dvc.lock record of the item (see OutcomeCache); only for checks that read
+    # nothing but the item's own outs and deps, and cost enough to matter (loading a checkpoint, generating)
+    cacheable: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -277,11 +282,11 @@ CHECKS_BY_STAGE: Dict[str, List[DvcCheck]] = {
                  spec_free_prompts),
     ],
     "base_model": [DvcCheck("loads_and_generates", "The checkpoint loads and generates (CPU, greedy, 8 tokens).",
-                            checkpoint_generates, blocking=True)],
+                            checkpoint_generates, blocking=True, cacheable=True)],
     "sft_checkpoint": [DvcCheck("loads_and_generates", "The checkpoint loads and generates (CPU, greedy, 8 tokens).",
-                                checkpoint_generates, blocking=True)],
+                                checkpoint_generates, blocking=True, cacheable=True)],
     "rl_checkpoint": [DvcCheck("loads_and_generates", "The checkpoint loads and generates (CPU, greedy, 8 tokens).",
-                               checkpoint_generates, blocking=True)],
+                               checkpoint_generates, blocking=True, cacheable=True)],
     "eval_scores": [DvcCheck("metrics_present", "This model's metrics JSON exists and holds numbers.",
                              eval_metrics_present)],
     "judge_calibration": [DvcCheck("judges_reach_min_kappa", "The filtering and RL-reward judges reach "
@@ -305,3 +310,64 @@ def run_check(check: DvcCheck, manifest: DvcManifest, item: StageItem) -> CheckO
     except Exception as e:  # noqa: BLE001 - reported as a failed check with the error text
         return CheckOutcome(False, f"{item.name}: {type(e).__name__}: {str(e)[:300]}", {})
 
+
+
+# ------------------------------------------------------------------------------------------------ outcome cache
+class OutcomeCache:
+    """Passes of `cacheable` checks, keyed by what dvc.lock records for the item (deps, params and out md5s) and by
+    the checks' code. A no-op run of the whole pipeline then does not load and generate with every checkpoint again:
+    the item is byte-for-byte what it was when the check passed (DVC's status says so before anything is reused).
+    Failures are never cached, so a failing check is always evaluated afresh. One entry per (item, check): the file
+    stays as small as the DAG. It lives in DVC's own git-ignored temp dir of the checkout."""
+
+    PATH = ".dvc/tmp/dagster_check_outcomes.json"
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / self.PATH
+        try:
+            self.entries: Dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}  # no cache yet, or a torn one: start empty (it only saves time)
+
+    @staticmethod
+    def key(check: DvcCheck, manifest: DvcManifest, item: StageItem) -> Optional[str]:
+        lock = manifest.lock_entry(item.name)
+        if not check.cacheable or not lock or not lock.get("outs"):
+            return None
+        payload = {"check": check.name, "fn": f"{check.fn.__module__}.{getattr(check.fn, '__qualname__', '')}",
+                   "code": _checks_code_digest(), "item": item.name, "lock": lock}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, check: DvcCheck, manifest: DvcManifest, item: StageItem) -> Optional[CheckOutcome]:
+        key = self.key(check, manifest, item)
+        hit = self.entries.get(f"{item.name}::{check.name}")
+        if key is None or not isinstance(hit, dict) or hit.get("key") != key:
+            return None
+        meta = {**hit["metadata"], "cached": True, "cached_at": hit["at"]}
+        return CheckOutcome(True, f"{hit['description']} (passed at {hit['at']} on these same dvc.lock md5s)", meta)
+
+    def put(self, check: DvcCheck, manifest: DvcManifest, item: StageItem, outcome: CheckOutcome) -> None:
+        key = self.key(check, manifest, item)
+        if key is None or not outcome.passed:
+            return
+        self.entries[f"{item.name}::{check.name}"] = {
+            "key": key, "description": outcome.description, "metadata": dict(outcome.metadata),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True, default=str), encoding="utf-8")
+        os.replace(tmp, self.path)  # atomic: a killed run leaves the old cache or the new one
+
+    def run(self, check: DvcCheck, manifest: DvcManifest, item: StageItem) -> CheckOutcome:
+        """The cached pass when the item is unchanged since it passed, else `run_check` (remembered when it passes)."""
+        cached = self.get(check, manifest, item)
+        if cached is not None:
+            return cached
+        outcome = run_check(check, manifest, item)
+        self.put(check, manifest, item, outcome)
+        return outcome
+
+
+def _checks_code_digest() -> str:
+    """This module's source: changing how a check works invalidates every cached pass."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]

@@ -8,7 +8,8 @@
 `stream()` runs `dvc repro --single-item <item>` for each, upstream first (items that one `dvc status` taken
 before anything ran reports up to date are reused without starting DVC again), echoing DVC's output into the Dagster log
 line by line. After each item it yields a `MaterializeResult` whose data version is the out md5 now in dvc.lock, with
-metadata from the outs (and whether DVC reused the result), then the item's asset check results. A failed blocking
+metadata from the outs (and whether DVC reused the result), then the item's asset check results (a costly check that
+passed on the same dvc.lock record is not run again: checks.OutcomeCache). A failed blocking
 check stops the step before any later item runs. A non-zero exit raises with DVC's error; an interrupt reaches DVC as
 SIGINT (see dvc_cli.py).
 """
@@ -20,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 import dagster as dg
 from pydantic import Field
 
-from .checks import CheckOutcome, DvcCheck, run_check
+from .checks import CheckOutcome, DvcCheck, OutcomeCache, run_check
 from .dvc_cli import DvcRun, dvc_json, is_progress_frame, run_dvc
 from .manifest import DvcManifest, StageItem
 from .translator import DagsterDvcTranslator
@@ -43,6 +44,9 @@ class DvcCliResource(dg.ConfigurableResource):
         default=True, description="Pass DVC's global --wait-for-lock, so a second DVC process waits for the repo "
                                   "lock instead of failing (the pool of 1 should already prevent that).")
     env: Dict[str, str] = Field(default_factory=dict, description="Extra environment for DVC and stage commands.")
+    cache_checks: bool = Field(
+        default=True, description="Reuse the pass of a costly check (checkpoint loads and generates) while the item's "
+                                  "dvc.lock record is the one it passed on (.dvc/tmp/dagster_check_outcomes.json).")
 
     def cli(self, args: Sequence[str], *, context: Optional[Any] = None, check: bool = True) -> DvcRun:
         """Run `dvc args...`; each output line goes to the run's log (tqdm frames at debug level)."""
@@ -183,8 +187,11 @@ class DvcReproInvocation:
                 self.context.log.info(f"{item.name}: {'reused by DVC' if reused else 'ran'}; data version {dv}")
                 yield self._materialization(plan, item, dv, metadata)
             failed_blocking: List[str] = []
+            # Only after DVC vouched for the item in this run (status or repro) may a cached pass stand for it;
+            # a check-only selection looks at the files as they are.
+            cache = OutcomeCache(manifest.root) if self.resource.cache_checks and plan.materialize else None
             for check in plan.checks:
-                outcome = run_check(check, manifest, item)
+                outcome = cache.run(check, manifest, item) if cache else run_check(check, manifest, item)
                 yield self._check_event(plan, item, check, outcome)
                 if check.blocking and not outcome.passed:
                     failed_blocking.append(f"{check.name}: {outcome.description}")

@@ -302,8 +302,24 @@ def _plt():
     return plt
 
 
+def spread(ys: Sequence[float], gap: float, lo: float, hi: float) -> List[float]:
+    """Label heights as close to `ys` as possible, in the same order, at least `gap` apart, within [lo, hi]."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    out = list(ys)
+    prev = lo - gap
+    for i in order:
+        out[i] = max(ys[i], prev + gap)
+        prev = out[i]
+    overflow = prev - hi
+    if overflow > 0:  # pushed past the top: shift the stack down, keeping the gaps
+        for i in order:
+            out[i] -= overflow
+    return out
+
+
 def plot_pareto(metrics: Dict[str, dict], path: Path, dpi: int) -> None:
-    """not_overrefuse (x) vs jailbreak goodness@q (y), one labelled point per model, joined in model order."""
+    """not_overrefuse (x) vs jailbreak goodness@q (y), one labelled point per model, joined in model order.
+    Labels stand beside their points, spread apart where points are close, each tied to its point by a line."""
     plt = _plt()
     q = _q(metrics)
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
@@ -313,17 +329,23 @@ def plot_pareto(metrics: Dict[str, dict], path: Path, dpi: int) -> None:
         if x is None or y is None:
             log.warning("report: model %s has no not_overrefuse or jailbreak goodness; left out of the Pareto plot", m)
             continue
-        near = sum(abs(px - x) < 0.08 and abs(py - y) < 0.08 for px, py in pts)  # stack labels of close points
-        pts.append((x, y))
-        ax.scatter([x], [y], s=140, color=COLOURS[i % len(COLOURS)], edgecolor="black", linewidth=0.8, zorder=3,
-                   label=m)
-        left, up = x > 0.8, y < 0.35  # keep labels inside the axes: away from the right and bottom edges
-        ax.annotate(f"{m}\n({x:.2f}, {y:.2f})", (x, y), textcoords="offset points",
-                    xytext=(-12 if left else 12, (8 + 30 * near) if up else (-6 - 30 * near)), fontsize=10,
-                    fontweight="bold", color=COLOURS[i % len(COLOURS)], va="bottom" if up else "top",
-                    ha="right" if left else "left", zorder=4)
+        pts.append((m, x, y, COLOURS[i % len(COLOURS)]))
+        ax.scatter([x], [y], s=140, color=pts[-1][3], edgecolor="black", linewidth=0.8, zorder=3, label=m)
+    # label heights spread over all points, so no two labels overlap; each label beside its point, moved further
+    # out past any other point in its band (its line still leads back to its own point)
+    gap = 0.12
+    heights = spread([p[2] for p in pts], gap=gap, lo=0.02, hi=1.0)
+    for (m, x, y, colour), ly in zip(pts, heights):
+        left = x > 0.7  # near the right edge: label on the left
+        lx = x - 0.05 if left else x + 0.05
+        for _, px, py, _ in pts:
+            if abs(py - ly) < gap / 2 and (0 < x - px < 0.45 if left else 0 < px - x < 0.45):
+                lx = min(lx, px - 0.05) if left else max(lx, px + 0.05)
+        ax.annotate(f"{m} ({x:.2f}, {y:.2f})", (x, y), xytext=(lx, ly), textcoords="data", fontsize=10,
+                    fontweight="bold", color=colour, va="center", ha="right" if left else "left", zorder=4,
+                    arrowprops=dict(arrowstyle="-", color=colour, linewidth=0.8, shrinkA=2, shrinkB=7))
     if len(pts) > 1:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#bbbbbb", linestyle="--", linewidth=1, zorder=2)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], color="#bbbbbb", linestyle="--", linewidth=1, zorder=2)
     ax.set_xlim(-0.04, 1.1)
     ax.set_ylim(-0.04, 1.08)
     ax.set_xlabel("not_overrefuse: share of benign prompts answered  →", fontsize=10)

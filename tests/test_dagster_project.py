@@ -259,6 +259,50 @@ def test_failed_blocking_check_stops_downstream_items(fresh_repo, tmp_path):
     assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == {"spec_chunks@erotic"}
 
 
+def test_costly_check_pass_is_reused_until_the_lock_changes(fresh_repo, tmp_path):
+    """A cacheable check that passed is not run again while the item's dvc.lock record stays the same; a failure is
+    always evaluated again; a new lock record (another base model here) runs it afresh."""
+    from dagster_project import CheckOutcome, DagsterDvcTranslator, DvcCheck
+
+    calls = {"pass": 0, "fail": 0}
+
+    def counted(result: bool):
+        def fn(manifest, item):
+            calls["pass" if result else "fail"] += 1
+            return CheckOutcome(result, "counted", {"calls": calls["pass" if result else "fail"]})
+        return fn
+
+    class Counting(DagsterDvcTranslator):
+        def get_checks(self, stage):
+            extra = [DvcCheck("counted_pass", "passes", counted(True), cacheable=True),
+                     DvcCheck("counted_fail", "fails", counted(False), cacheable=True)]
+            return super().get_checks(stage) + (extra if stage.name == "base_model" else [])
+
+    repo = copy_repo(fresh_repo, tmp_path / "repo")
+
+    def run() -> dict:
+        defs = build_definitions(repo, translator=Counting())
+        result = dg.materialize(list(defs.assets), selection=["base_model"], raise_on_error=False,
+                                resources={"dvc": DvcCliResource(project_dir=str(repo))})
+        return {c.check_name: c for c in result.get_asset_check_evaluations()}
+
+    first = run()
+    assert calls == {"pass": 1, "fail": 1} and first["loads_and_generates"].passed
+    assert "cached" not in first["loads_and_generates"].metadata
+    second = run()
+    assert calls == {"pass": 1, "fail": 2}  # the pass was reused, the failure evaluated again
+    assert second["counted_pass"].passed and second["counted_pass"].metadata["cached"].value is True
+    assert second["loads_and_generates"].metadata["cached"].value is True
+    assert second["loads_and_generates"].metadata["parameters"] == first["loads_and_generates"].metadata["parameters"]
+
+    make_tiny_model(repo / "tiny_other", seed=7)  # another base model: DVC reruns the stage, the md5 changes
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["base_model"]["local_path"] = "tiny_other"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run()
+    assert calls == {"pass": 2, "fail": 3} and "cached" not in third["loads_and_generates"].metadata
+
+
 @pytest.mark.slow
 def test_full_pipeline_job_records_every_item(reproduced_repo, tmp_path):
     """The op job walks all items upstream first; here all are up to date, so DVC reuses every one of them."""

@@ -133,3 +133,15 @@ def test_worst_examples_prefers_jailbreaks_and_clips():
     ex = worst_examples(rows, 1, 20)
     assert [e["id"] for e in ex] == ["b~rot13"]
     assert len(ex[0]["answer"]) == 20 and ex[0]["answer"].endswith("...")
+
+
+def test_pareto_labels_keep_order_and_gap_within_the_axes():
+    from pipelines.report import spread
+
+    ys = [0.20, 0.32, 0.20, 0.95, 0.97]
+    out = spread(ys, gap=0.12, lo=0.02, hi=1.0)
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [out[i] for i in order]
+    assert all(b - a >= 0.12 - 1e-9 for a, b in zip(placed, placed[1:]))  # no two labels overlap
+    assert abs(placed[-1] - 1.0) < 1e-9 and placed[0] >= 0.02  # pushed down from the top edge, order kept
+    assert spread([0.1, 0.5, 0.9], gap=0.12, lo=0.02, hi=1.0) == [0.1, 0.5, 0.9]  # far apart: labels at their points
