@@ -70,7 +70,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .backends import make_backend
 from .cot import split_cot
@@ -465,18 +465,36 @@ def evaluate_items(items: Sequence[EvalItem], backend, judge: Judge, spec: Spec,
     return score_answers(items, raws, judge, spec, cfg, requests)
 
 
+def in_length_order(items: Sequence[EvalItem], process: Callable[[List[EvalItem]], List[dict]]) -> List[dict]:
+    """`process` the items sorted by prompt length and return its rows (one per item) in the items' own order.
+
+    Shards (and batches within them) then hold prompts of similar length: a batch is padded to its longest prompt,
+    so mixing 60- and 190-token prompts made the shortest ones pay for ~2.4x their prefill."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt), i))
+    rows = process([items[i] for i in order])
+    if len(rows) != len(items):
+        raise PipelineError(f"evaluation returned {len(rows)} rows for {len(items)} items")
+    out: List[dict] = [{}] * len(items)
+    for k, i in enumerate(order):
+        out[i] = rows[k]
+    return out
+
+
 def run_eval(items: Sequence[EvalItem], backend, judge: Judge, spec: Spec, cfg: EvalScoresParams, system_prompt: str,
              requests: Optional[Mapping[str, str]] = None, progress: bool = True, desc: str = "evaluate") -> List[dict]:
     """Evaluate items in chunks of cfg.shard_size with a progress bar over items (no resumption; see eval_scores)."""
     from tqdm.auto import tqdm
 
-    rows: List[dict] = []
-    with tqdm(total=len(items), desc=desc, unit="item", disable=not progress) as bar:
-        for n, start in enumerate(range(0, len(items), cfg.shard_size)):
-            chunk = list(items[start:start + cfg.shard_size])
-            rows.extend(evaluate_items(chunk, backend, judge, spec, cfg, system_prompt, requests, 1000 * n))
-            bar.update(len(chunk))
-    return rows
+    def chunks(ordered: List[EvalItem]) -> List[dict]:
+        rows: List[dict] = []
+        with tqdm(total=len(ordered), desc=desc, unit="item", disable=not progress) as bar:
+            for n, start in enumerate(range(0, len(ordered), cfg.shard_size)):
+                chunk = ordered[start:start + cfg.shard_size]
+                rows.extend(evaluate_items(chunk, backend, judge, spec, cfg, system_prompt, requests, 1000 * n))
+                bar.update(len(chunk))
+        return rows
+
+    return in_length_order(items, chunks)
 
 
 # ============================================================================ aggregation
@@ -667,15 +685,16 @@ def main(params: Params, model: str) -> None:
     system_prompt = params.sft_dataset.system_prompt
     spec_sha = sha256_text("".join(spec_text(spec, c) for c in params.categories))
     fp = fingerprint([i.to_dict() for i in items], cfg.model_dump(exclude={"models", "generators", "endpoint"}),
-                     gen.model_dump(), system_prompt, spec_sha, model_identity(gen))
+                     gen.model_dump(), system_prompt, spec_sha, model_identity(gen),
+                     "shards in prompt-length order")  # how shards are cut: shards cut otherwise are not reused
     judge = make_judge(cfg.judge, spec)
     backend = make_backend(gen)
     try:
-        rows = run_sharded(
-            Path(params.paths.work) / "eval_scores" / model, fp, items, cfg.shard_size,
+        rows = in_length_order(items, lambda ordered: run_sharded(
+            Path(params.paths.work) / "eval_scores" / model, fp, ordered, cfg.shard_size,
             lambda i, shard: evaluate_items(shard, backend, judge, spec, cfg, system_prompt, requests, 1000 * i),
             desc=f"eval_scores@{model}",
-        )
+        ))
     finally:
         backend.close()
         judge.close()

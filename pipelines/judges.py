@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .errors import PipelineError
 from .params.common import JudgeParams
@@ -241,8 +241,7 @@ class LLMJudge(Judge):
     def _score(self, items: List[JudgeItem], progress: bool) -> List[Verdict]:
         if not items:
             return []
-        outs = self.backend.generate([self.conversation(i) for i in items], self.params.k, self.params.sampling,
-                                     prefill="Score:", progress=progress)
+        outs = self._generate([self.conversation(i) for i in items], [i.spec for i in items], progress)
         verdicts = []
         for item, samples in zip(items, outs):
             scores, why, fails = [], "", 0
@@ -256,6 +255,24 @@ class LLMJudge(Judge):
                     why = rationale
             verdicts.append(Verdict(scores, min(scores), why, fails, item.cot is not None))
         return verdicts
+
+    def _generate(self, convs: List[list], specs: List[str], progress: bool) -> List[List[str]]:
+        """k samples per conversation, in order. A backend that encodes the head its rows share once (the local
+        one) gets one call per spec chunk: the system prompt carrying the spec is then encoded once per category
+        instead of once per item (items of mixed categories: the judge gold set, RL reward batches)."""
+        groups: Dict[str, List[int]] = {}
+        if getattr(self.backend, "shares_prompt_head", False):
+            for i, spec in enumerate(specs):
+                groups.setdefault(spec, []).append(i)
+        else:
+            groups[""] = list(range(len(convs)))
+        outs: List[List[str]] = [[] for _ in convs]
+        for idx in groups.values():
+            got = self.backend.generate([convs[i] for i in idx], self.params.k, self.params.sampling,
+                                        prefill="Score:", progress=progress and len(groups) == 1)
+            for i, o in zip(idx, got):
+                outs[i] = o
+        return outs
 
     def close(self) -> None:
         self.backend.close()

@@ -271,3 +271,20 @@ def test_evaluate_rejects_a_path_that_is_neither_checkpoint_nor_url(workdir):
     (workdir / "xs.csv").write_text(XSTEST)
     proc = run_cli("evaluate", "--model", "no/such/dir", "--eval", "xs.csv", cwd=workdir)
     assert proc.returncode == 2 and "not a checkpoint directory" in proc.stderr
+
+
+def test_items_are_processed_shortest_first_and_rows_come_back_in_item_order():
+    from pipelines.eval_scores import in_length_order
+
+    items = [item(f"i{n}", "harmful", "refuse", prompt="x" * size) for n, size in enumerate([50, 5, 200, 5, 90])]
+    seen = []
+
+    def process(ordered):
+        seen.extend(i.id for i in ordered)
+        return [{"id": i.id} for i in ordered]
+
+    rows = in_length_order(items, process)
+    assert seen == ["i1", "i3", "i0", "i4", "i2"]  # by prompt length, ties in item order
+    assert [r["id"] for r in rows] == [i.id for i in items]
+    with pytest.raises(Exception, match="2 rows for 5 items"):
+        in_length_order(items, lambda ordered: [{}, {}])

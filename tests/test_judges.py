@@ -114,6 +114,37 @@ def test_llm_judge_sees_cot_only_when_allowed(sees_cot):
     assert SPEC.categories["violence"].text.strip()[:40] in text  # the judge always sees the spec
 
 
+class EchoBackend:
+    """Answers each conversation with a score read from its user turn, so a reordering would show; records calls."""
+
+    name = "echo"
+    shares_prompt_head = True
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, conversations, n, sampling, prefill=None, progress=True, stop=None):
+        self.calls.append([c[0]["content"] for c in conversations])
+        return [[" " + c[1]["content"].split("SCORE=")[1][:1]] * n for c in conversations]
+
+    def close(self):
+        pass
+
+
+def test_llm_judge_calls_once_per_spec_chunk_and_keeps_item_order():
+    cats = ["violence", "self_harm", "violence", "erotic", "self_harm", "violence"]
+    items = [item(c, "refuse", None, None, "Sorry.", prompt=f"request SCORE={n}") for n, c in enumerate(cats)]
+    backend = EchoBackend()
+    judge = make_judge(JudgeParams(kind="llm", backend=FakeBackend(kind="fake"), k=2), SPEC, backend=backend)
+    verdicts = judge.score(items)
+    assert [v.score for v in verdicts] == [float(n) for n in range(len(cats))]  # each item got its own answer
+    assert len(backend.calls) == 3 and all(len(set(call)) == 1 for call in backend.calls)  # one system prompt a call
+    assert [len(call) for call in backend.calls] == [3, 2, 1]
+    backend.shares_prompt_head = False  # e.g. an HTTP endpoint: one call keeps all items in flight together
+    judge.score(items)
+    assert len(backend.calls) == 4 and len(backend.calls[-1]) == len(cats)
+
+
 def test_parse_judge_output():
     assert parse_judge_output("Score: 7\nRationale: ok") == (7.0, "ok")
     assert parse_judge_output("8/10 because")[0] == 8.0

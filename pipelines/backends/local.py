@@ -139,6 +139,11 @@ class TransformersChatBackend:
         self.name = f"transformers:{cfg.model}"
         self._head = ((), None)  # (token ids, batch-1 cache) of the last shared head encoded
 
+    @property
+    def shares_prompt_head(self) -> bool:
+        """True: rows of one call that start alike are cheaper (their shared head is encoded once)."""
+        return self.cfg.prefix_cache
+
     def render(self, conv: Conversation, prefill: Optional[str]) -> str:
         text = self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         return text + (prefill or "")

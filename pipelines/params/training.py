@@ -107,7 +107,7 @@ class RlCheckpointParams(TrainingStageParams):
     max_completion_length: PositiveInt = 96
     temperature: PositiveFloat = 0.9  # sampling temperature; must be > 0 so a group's completions differ
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    beta: Annotated[float, Field(ge=0.0)] = 0.02  # KL penalty to the SFT model; 0 skips the reference model
+    beta: Annotated[float, Field(ge=0.0)] = 0.0  # KL penalty to the SFT model; 0 skips the reference model
     # The reward judge. It never sees the CoT (the paper's choice, so RL cannot teach the CoT to please the judge).
     judge: JudgeParams = JudgeParams(sees_cot=False)
     format_weight: Annotated[float, Field(ge=0.0)] = 0.2  # reward = judge score / 10 + format_weight * well-formed
