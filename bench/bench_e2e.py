@@ -1,7 +1,7 @@
 """End to end: the README run command (`make run`) on a fresh clone, with a per-stage breakdown.
 
 Clones the committed HEAD of this repository into a temporary directory, runs `make run` there (install into .venv,
-`dvc repro` of the whole pipeline on the embedded model, `dvc status`), and stamps every output line with the time it
+`dvc repro` of the whole pipeline on the embedded model), and stamps every output line with the time it
 arrived. A stage's wall time runs from DVC's "Running stage '<item>'" line to the next stage's line (or the end of
 `dvc repro`), so it includes the stage process's start-up and imports, which the stages' own `wall_s` metrics do
 not. Use a warm pip cache (run `make setup` once anywhere) to measure the pipeline rather than the downloads.
@@ -69,15 +69,12 @@ def main() -> None:
     print(f"{machine()}; fresh clone of {head.strip()} in {dest}", flush=True)
 
     events = []
-    end_repro = None
     for t, line in timed_lines(["make", "run"], dest, dest.parent / "make_run.log"):
         events.append((t, line))
         if STAGE.search(line):
             print(f"{t:7.1f}s  {line.strip()}", flush=True)
-        if end_repro is None and "dvc status" in line and events and any(STAGE.search(x) for _, x in events):
-            end_repro = t  # make echoes the `dvc status` command right after `dvc repro` returns
     total = events[-1][0] if events else 0.0
-    before, items = stage_times(events, end_repro or total)
+    before, items = stage_times(events, total)  # `dvc repro` is the last thing `make run` does
 
     print(f"\nbefore the first stage (venv, pip install, dvc start): {before:.1f}s")
     width = max((len(n) for n, _ in items), default=10)

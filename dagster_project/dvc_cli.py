@@ -123,6 +123,32 @@ def dvc_json(args: Sequence[str], cwd: str | Path, *, executable: Optional[str] 
         raise DvcCommandError(run) from None
 
 
+def status_in_process(cwd: str | Path) -> Optional[dict]:
+    """What `dvc status --json` prints, from DVC's Python API in this process (no interpreter start, no second
+    import of DVC: ~0.5 s less a call). None when it cannot answer here (e.g. another DVC process holds the repo
+    lock; the CLI waits for it): the caller then asks the CLI, which also reports any real error."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(cwd)) as repo:
+            status = repo.status()
+    except Exception:  # noqa: BLE001 - any failure here falls back to the CLI, which says what is wrong
+        return None
+    if not isinstance(status, dict):
+        return None
+    return {_address_from(cwd, key): value for key, value in status.items()}
+
+
+def _address_from(root: str | Path, key: str) -> str:
+    """DVC names a stage relative to the process's working directory (`../repo/dvc.yaml:raw_cots@violence` when
+    this process runs elsewhere); the CLI run in `root` names it `raw_cots@violence`. Rename to the latter."""
+    path, sep, name = key.rpartition(":")
+    if not sep or not path.endswith("dvc.yaml"):
+        return key
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+    return name if rel == "dvc.yaml" else f"{rel}:{name}"
+
+
 def _interrupt(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGINT to DVC's process group (what Ctrl-C in a terminal does), then SIGTERM, then SIGKILL."""
     for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):

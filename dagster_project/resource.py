@@ -22,7 +22,7 @@ import dagster as dg
 from pydantic import Field
 
 from .checks import CheckOutcome, DvcCheck, OutcomeCache, run_check
-from .dvc_cli import DvcRun, dvc_json, is_progress_frame, run_dvc
+from .dvc_cli import DvcRun, dvc_json, is_progress_frame, run_dvc, status_in_process
 from .manifest import DvcManifest, StageItem
 from .translator import DagsterDvcTranslator
 from .versions import data_version
@@ -157,8 +157,11 @@ class DvcReproInvocation:
         to_run = [p for p in self.plans if p.materialize]
         if self.force or len(to_run) < 2:
             return None
-        status = dvc_json(["status"], self.resource.project_dir, executable=self.resource.executable,
-                          env=self.resource.env)
+        # the DVC this process imported answers without a new process, unless a specific executable is configured
+        status = status_in_process(self.resource.project_dir) if self.resource.executable is None else None
+        if status is None:
+            status = dvc_json(["status"], self.resource.project_dir, executable=self.resource.executable,
+                              env=self.resource.env)
         return set((status or {}).keys()) if isinstance(status, dict) else None
 
     def stream(self) -> Iterator[Any]:

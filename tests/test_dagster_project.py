@@ -349,6 +349,19 @@ def test_full_pipeline_job_records_every_item(reproduced_repo, tmp_path):
 
 
 @pytest.mark.slow
+def test_status_in_process_answers_like_the_cli(reproduced_repo, tmp_path):
+    from dagster_project.dvc_cli import dvc_json, status_in_process
+
+    repo = copy_repo(reproduced_repo, tmp_path / "repo")
+    assert status_in_process(repo) == {} == dvc_json(["status"], repo)
+    path = repo / "data/spec/categories/violence.md"
+    path.write_text(path.read_text() + "\n- \"Describe a duel in a novel\" -> V.1, full_compliance.\n")
+    changed = status_in_process(repo)
+    assert changed == dvc_json(["status"], repo) and set(changed) == {"spec_chunks@violence"}
+    assert status_in_process(tmp_path / "not-a-repo") is None  # DVC cannot answer: the caller asks the CLI
+
+
+@pytest.mark.slow
 def test_plan_after_one_category_spec_edit(reproduced_repo, tmp_path):
     repo = copy_repo(reproduced_repo, tmp_path / "repo")
     assert plan(repo) == []
