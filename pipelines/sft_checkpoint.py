@@ -184,7 +184,7 @@ def main(
     machine_preflight(section, STAGE)
     if section.packing and section.device == "cpu":
         log.warning("sft_checkpoint.packing on CPU: TRL packs padding-free, so attention spans whole packed blocks; "
-                    "measured x0.74 the tokens/s of padding and x2.3 its peak memory (bench/bench_sft.py)")
+                    "measured x0.74-0.97 the tokens/s of padding and x1.7-2.3 its peak memory (bench/bench_sft.py)")
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     template = training_chat_template(tokenizer, params.sft_dataset.system_prompt, section.chat_template)
     plan = plan_data(rows, tokenizer, template, section, planned_world_size(section))
