@@ -6,6 +6,7 @@ Every outcome's metadata shows the observed value next to the threshold it was c
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -368,6 +369,7 @@ class OutcomeCache:
         return outcome
 
 
+@functools.lru_cache(maxsize=None)
 def _checks_code_digest() -> str:
-    """This module's source: changing how a check works invalidates every cached pass."""
+    """This module's source (read once a process): changing how a check works invalidates every cached pass."""
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]

@@ -167,6 +167,7 @@ class DvcReproInvocation:
     def stream(self) -> Iterator[Any]:
         """Run each planned item (upstream first) and yield its events; see the module docstring."""
         stale = self.stale_items()
+        cache = OutcomeCache(self.manifest.root) if self.resource.cache_checks else None  # read once a run
         ran_any = False
         for plan in self.plans:
             reused = False
@@ -192,9 +193,9 @@ class DvcReproInvocation:
             failed_blocking: List[str] = []
             # Only after DVC vouched for the item in this run (status or repro) may a cached pass stand for it;
             # a check-only selection looks at the files as they are.
-            cache = OutcomeCache(manifest.root) if self.resource.cache_checks and plan.materialize else None
+            use_cache = cache is not None and plan.materialize
             for check in plan.checks:
-                outcome = cache.run(check, manifest, item) if cache else run_check(check, manifest, item)
+                outcome = cache.run(check, manifest, item) if use_cache else run_check(check, manifest, item)
                 yield self._check_event(plan, item, check, outcome)
                 if check.blocking and not outcome.passed:
                     failed_blocking.append(f"{check.name}: {outcome.description}")

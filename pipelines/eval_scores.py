@@ -177,20 +177,13 @@ def conversation(system_prompt: str, prompt: str) -> List[dict]:
 
 def generate_answers(backend, items: Sequence[EvalItem], system_prompt: str, sampling: Sampling,
                      prefill: Optional[str]) -> List[str]:
-    """One raw output per item (prefill included), in item order.
-
-    Items are sent sorted by prompt length so a batch holds prompts of similar length (less padding); with greedy
-    decoding the order does not change the outputs.
-    """
-    order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt), i))
-    outs = backend.generate([conversation(system_prompt, items[i].prompt) for i in order], 1, sampling,
+    """One raw output per item (prefill included), in item order. Callers pass shards already in prompt-length
+    order (`in_length_order`), so a batch holds prompts of similar length."""
+    outs = backend.generate([conversation(system_prompt, i.prompt) for i in items], 1, sampling,
                             prefill=prefill, progress=False)
     if len(outs) != len(items) or any(len(o) != 1 for o in outs):
         raise PipelineError(f"generator {backend.name} returned {len(outs)} outputs for {len(items)} prompts")
-    raws: List[str] = [""] * len(items)
-    for k, i in enumerate(order):
-        raws[i] = (prefill or "") + outs[k][0]
-    return raws
+    return [(prefill or "") + o[0] for o in outs]
 
 
 @dataclass(frozen=True)
