@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU build by default (the embedded 135M model runs on CPU). On a GPU machine: make TORCH="torch>=2.4" run
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,scale
 
 .PHONY: setup run test bench bench-e2e ui push pull sweep cards clean-venv
 setup: $(VENV)/.installed
@@ -61,3 +61,9 @@ sweep: setup       ## judge-threshold sweep as queued DVC experiments: make swee
 
 cards: setup       ## (re)write data/cards/ from dvc.lock
 	$(DVC) repro cards
+
+# Issue 23: the same definitions on Dagster's Celery executor (redis broker + 2 workers on this machine), the `dvc`
+# pool checked across workers from the step events, then dvc push / a fresh clone's dvc pull + audit (~5 min on 2 cores)
+.PHONY: scale-check
+scale-check: setup ## Celery executor on this machine: steps per worker, no overlapping DVC steps, wall time
+	VENV="$(abspath $(VENV))" bash bench/scale_check.sh
