@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import dagster as dg
 
 from .manifest import DvcManifest
+from .plan import check_item_keys
 from .resource import DVC_POOL, DvcCliResource
 from .translator import DagsterDvcTranslator
 
@@ -54,6 +55,7 @@ def dvc_assets(
         one AssetsDefinition per partitions definition.
     """
     translator = translator or DagsterDvcTranslator()
+    check_item_keys(manifest)  # a category name with path characters is a name error, not a graph error
     wanted = [s for s in manifest.stage_order() if (select is None or s in set(select)) and s not in set(exclude)]
     unknown = sorted(set(select or ()) - set(manifest.stages))
     if unknown:

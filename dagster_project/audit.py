@@ -27,6 +27,7 @@ import yaml
 
 from .dvc_cli import dvc_json
 from .manifest import DvcManifest, dep_matches_out, lookup
+from .plan import check_item_keys
 from .versions import data_version
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
@@ -274,6 +275,7 @@ def audit_environment(manifest: DvcManifest) -> List[Row]:
 # ------------------------------------------------------------------------------------------------ all
 def audit(root: str | Path, dagster_home: Optional[str] = None, use_dagster: bool = True) -> Dict[str, Any]:
     manifest = DvcManifest.load(root)
+    check_item_keys(manifest)
     git_rows, sha = audit_git(manifest.root)
     status = dvc_json(["status"], manifest.root)
     rows = git_rows + audit_dvc(manifest, dict(status or {})) + audit_params(manifest)  # type: ignore[arg-type]

@@ -8,13 +8,33 @@ that reruns and writes byte-identical outs lets DVC skip its downstream items, s
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from .dvc_cli import dvc_json
-from .manifest import DvcManifest, dep_matches_out
+from .manifest import DvcManifest, ManifestError, dep_matches_out
 from .versions import default_is_code_dep
+
+# Foreach keys (categories, eval model keys) become file names, DVC item names and Dagster partition keys; the same
+# rule as pipelines.params CATEGORY_NAME / MODEL_KEY (not imported: the planner reads params.yaml without pydantic).
+ITEM_KEY = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def check_item_keys(manifest: DvcManifest) -> None:
+    """A foreach key with path characters ('a/b', '../x', 'V 1') makes the out->dep graph meaningless (it showed up
+    as a 'dependency cycle'); refuse it first, naming the params key it came from."""
+    for stage in manifest.stages.values():
+        for key in stage.keys or ():
+            if not isinstance(key, str) or not ITEM_KEY.fullmatch(key):
+                source = (stage.foreach_source or "").strip()
+                where = source[2:-1] if source.startswith("${") and source.endswith("}") else f"{stage.name} foreach"
+                raise ManifestError(
+                    f"params.yaml: {where}: {str(key)[:60]!r} is not a valid name (lower-case letters, digits and "
+                    f"'_', starting with a letter; it becomes a file name and a partition key of stage {stage.name})"
+                )
+
 
 REASON_KINDS = ("never run", "missing out", "modified out", "changed command", "changed param", "changed code",
                 "changed file", "always changed", "upstream changed")
@@ -86,6 +106,7 @@ def plan(root: str | Path, status: Optional[Mapping[str, List[Any]]] = None,
          manifest: Optional[DvcManifest] = None, is_code_dep=default_is_code_dep) -> List[PlanEntry]:
     """Items that `dvc repro` would rerun, upstream first, each with its reasons."""
     manifest = manifest or DvcManifest.load(root)
+    check_item_keys(manifest)  # before the graph walk: a bad key reads as a cycle there
     if status is None:
         status = dvc_json(["status"], manifest.root)  # type: ignore[assignment]
     status = dict(status or {})

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import PipelineError
-from .io import atomic_path, write_json
+from .io import atomic_path, check_safetensors_checkpoint, write_json
 from .params import BaseModelParams, Params
 
 log = logging.getLogger("base_model")
@@ -47,6 +47,10 @@ def load_base(p: BaseModelParams):
         if not (src / "config.json").is_file() or not any(src.glob("*.safetensors")):
             raise PipelineError(f"base_model.local_path: {src} needs config.json and *.safetensors weights "
                                 "(pickle checkpoints such as pytorch_model.bin are not loaded)")
+        try:  # every weight file transformers would open is safetensors, and well-formed
+            check_safetensors_checkpoint(src)
+        except PipelineError as e:
+            raise PipelineError(f"base_model.local_path: {e}") from None
         tok = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
         return model, tok, {"kind": "local_path", "path": str(src)}

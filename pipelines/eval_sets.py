@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import PipelineError
-from .io import check_fields, iter_jsonl
+from .io import check_fields, decode_utf8, iter_jsonl, read_bytes
 from .jailbreaks import TRANSFORMS, apply
 from .spec import STYLES_FOR_EXPECTED
 
@@ -190,16 +191,88 @@ def load_jsonl_set(path: str | Path, kind: str, categories: Optional[Sequence[st
 # published CSV sets
 
 
-def _read_csv(path: Path, required: Sequence[str], optional: Sequence[str], what: str) -> List[tuple]:
-    """Read a CSV with a checked header; return (line number, row dict) pairs. Rows are dicts keyed by column."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM spreadsheet tools add
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: {what} file not found") from None
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not UTF-8 (byte {e.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
+def _csv_text(path: Path, what: str) -> str:
+    """The file as text; missing, a directory, unreadable or not UTF-8 -> one-line error naming the file."""
+    # utf-8-sig: tolerate the BOM spreadsheet tools add
+    return decode_utf8(read_bytes(path, f"{what} file"), path, bom=True)
+
+
+# One RFC 4180 record: fields separated by commas, each either quoted as a whole ("..." with "" inside) or free of
+# quotes, commas and line ends; then a line end or the end of the file. Python's csv module, even in strict mode,
+# accepts a quote inside an unquoted field, which is how a stray or deleted quote can turn part of a multi-line
+# prompt into a row of its own.
+_CSV_FIELD = r'(?:"(?:[^"]|"")*"|[^,"\r\n]*)'  # one way to match each character: no backtracking blow-up
+_CSV_RECORD = re.compile(rf"{_CSV_FIELD}(?:,{_CSV_FIELD})*(?:\r\n|\n|\r|\Z)")
+
+
+def _check_quoting(path: Path, text: str) -> None:
+    """Every record well-quoted (RFC 4180), or a one-line error naming the line where the bad record starts."""
+    pos = 0
+    while pos < len(text):
+        m = _CSV_RECORD.match(text, pos)
+        if m is None:
+            line = text.count("\n", 0, pos) + 1
+            raise PipelineError(
+                f"{path}:{line}: malformed CSV: a quote that does not open or close a whole field, or a quoted field "
+                "that is never closed (quote whole fields; double a quote inside one)"
+            )
+        pos = m.end()
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[Tuple[int, int, List[str]]]:
+    """(first line, last line, fields) of each record, parsed strictly: a quote in the wrong place, a quoted field
+    still open at the end of the file, a NUL byte or a field over the csv module's size limit is a one-line error
+    naming the line (the lenient default parser silently glued the rest of the file into one field)."""
+    _check_quoting(path, text)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    last = 0
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            msg = str(e)
+            if "field larger than field limit" in msg:
+                msg = f"a field is longer than {csv.field_size_limit()} characters"
+            elif "unexpected end of data" in msg:
+                msg = f"a quoted field opened after line {last} is never closed"
+            raise PipelineError(f"{path}:{reader.line_num}: malformed CSV: {msg}") from None
+        yield last + 1, reader.line_num, values
+        last = reader.line_num
+
+
+def _check_no_swallowed_rows(path: Path, header: List[str], rows: List[tuple], first_values: Sequence[str] = ()) -> None:
+    """Row-count check for damage strict parsing cannot see: an unclosed quote that is closed again by a later quote
+    turns the rows in between into the text of one field, and the file still parses. Such a field holds a line that
+    is a row of this file: at least as many fields as the header (an unquoted prompt may add more), the first one a
+    value of the first column (or an integer when the first column is an integer id). A legitimate multi-line prompt does not. `first_values`: values the
+    first column may hold besides those seen."""
+    first = [row[header[0]].strip() for _, _, row in rows]
+    known = {v.lower() for v in [*first, *first_values] if v}
+    numeric = bool(first) and all(v.isdigit() for v in first)
+    for start, _, row in rows:
+        for value in row.values():
+            for line in value.splitlines()[1:]:
+                if line.count(",") < len(header) - 1:
+                    continue
+                fields = next(csv.reader([line]), [])
+                lead = fields[0].strip() if fields else ""
+                if len(fields) >= len(header) and (lead.lower() in known or (numeric and lead.isdigit())):
+                    raise PipelineError(
+                        f"{path}:{start}: a quoted field runs over a line that starts like a row of its own "
+                        f"({line[:40]!r}); a quote is probably not closed, and rows would be lost"
+                    )
+
+
+def _read_csv(path: Path, required: Sequence[str], optional: Sequence[str], what: str,
+              first_values: Sequence[str] = ()) -> List[tuple]:
+    """Read a CSV with a checked header; return (line number, row dict) pairs. Rows are dicts keyed by column.
+
+    Every record is checked: strict quoting, the header's number of fields, and no record swallowing others, so the
+    items returned are exactly the rows of the file, or the load fails with one line naming file and line."""
+    records = _csv_rows(path, _csv_text(path, what))
+    _, _, header = next(records, (0, 0, None))
     if not header:
         raise PipelineError(f"{path}: empty {what} file (no header)")
     header = [h.strip() for h in header]
@@ -217,18 +290,17 @@ def _read_csv(path: Path, required: Sequence[str], optional: Sequence[str], what
     if dup:
         raise PipelineError(f"{path}: duplicated column(s) {', '.join(dup)}")
     rows = []
-    # csv.reader's line_num counts physical lines, so a quoted multi-line prompt still reports where its row ends
-    for values in reader:
+    # line numbers are physical lines, so a quoted multi-line prompt still reports where its row ends
+    for start, end, values in records:
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
-            raise PipelineError(
-                f"{path}:{reader.line_num}: row has {len(values)} fields but the header has {len(header)}"
-            )
-        rows.append((reader.line_num, dict(zip(header, values))))
+            raise PipelineError(f"{path}:{end}: row has {len(values)} fields but the header has {len(header)}")
+        rows.append((start, end, dict(zip(header, values))))
     if not rows:
         raise PipelineError(f"{path}: {what} file has a header but no rows")
-    return rows
+    _check_no_swallowed_rows(path, header, rows, first_values if header[0] == required[0] else ())
+    return [(end, row) for _, end, row in rows]
 
 
 def load_xstest_csv(path: str | Path) -> List[EvalItem]:
@@ -286,7 +358,7 @@ def load_strongreject_csv(path: str | Path) -> List[EvalItem]:
         PipelineError: missing/unknown columns (naming them), a blank forbidden_prompt or category.
     """
     path = Path(path)
-    rows = _read_csv(path, STRONGREJECT_COLUMNS, (), "StrongREJECT")
+    rows = _read_csv(path, STRONGREJECT_COLUMNS, (), "StrongREJECT", first_values=tuple(STRONGREJECT_CATEGORY_MAP))
     items: List[EvalItem] = []
     for i, (line, row) in enumerate(rows, 1):
         where = f"{path}:{line}"
@@ -336,13 +408,8 @@ def load_eval_set(
             )
         return load_jsonl_set(path, kind, categories)
     if suffix == ".csv":
-        try:
-            with path.open(encoding="utf-8-sig", newline="") as f:
-                header = [h.strip() for h in next(csv.reader(f), [])]
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: eval set not found") from None
-        except UnicodeDecodeError as e:
-            raise PipelineError(f"{path}: not UTF-8 (byte {e.start})") from None
+        _, _, first = next(_csv_rows(path, _csv_text(path, "eval set")), (0, 0, []))
+        header = [h.strip() for h in first]
         if "forbidden_prompt" in header:
             return load_strongreject_csv(path)
         if "label" in header:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, List, Sequence, TypeVar
 
+from .errors import PipelineError
 from .io import read_jsonl, write_json, write_jsonl
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ def run_sharded(
 
     work = Path(work_dir)
     fp_file = work / "fingerprint.json"
-    if work.exists() and (not fp_file.exists() or json.loads(fp_file.read_text()).get("fingerprint") != fp):
+    if work.exists() and _stored_fingerprint(fp_file) != fp:
         log.info("%s: inputs or params changed, discarding old shards", work)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,23 @@ def run_sharded(
     rows: List[dict] = []
     for i, shard in enumerate(tqdm(shards, desc=desc, unit="shard", disable=not progress)):
         path = work / f"shard-{i:05d}.jsonl"
-        if not path.exists():
-            write_jsonl(path, process(i, shard))  # atomic: a kill mid-shard leaves no shard file
+        if path.exists():
+            try:
+                rows.extend(read_jsonl(path))
+                continue
+            except PipelineError as e:
+                # The work dir is our own cache: a shard that cannot be read back (edited by hand, or written by an
+                # older version) is recomputed, not reported as a problem of a file the user never made.
+                log.warning("%s: unreadable shard recomputed (%s)", path, e)
+                path.unlink()
+        write_jsonl(path, process(i, shard))  # atomic: a kill mid-shard leaves no shard file
         rows.extend(read_jsonl(path))
     return rows
+
+
+def _stored_fingerprint(fp_file: Path) -> str | None:
+    """The fingerprint a work dir was made with; None when missing or unreadable (then the dir is discarded)."""
+    try:
+        return json.loads(fp_file.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -26,7 +26,12 @@ STYLES_FOR_EXPECTED = {
 }
 
 _TITLE = re.compile(r"^# (?P<title>.+?) \((?P<prefix>[A-Z]{1,3})\)\s*$")
-_SECTION = re.compile(r"^## (?P<id>[A-Z]{1,3}\.\d+) (?P<title>\S.*)$")
+_SECTION = re.compile(r"^## (?P<id>[A-Z]{1,3}\.[0-9]+) (?P<title>\S.*)$")
+# Anything a reader would take for a policy header: '#'s, a 1-3 letter prefix in any case or script, an optional
+# separator, a number in any digits ("## V3 ...", "##V.3 ...", "## v.3 ...", "### V.3", "## V-3:", "## V.３").
+# A line like this that is not exactly a _SECTION is an error; before, it became part of the previous policy's text
+# (or a free section such as "## Cases"), and the policy was missing without a word.
+_NEAR_SECTION = re.compile(r"^\s*[#\uff03]+\s*[^\W\d_]{1,3}\s*[.\u00b7\u3002\uff0e,:;_\-/]?\s*\d")
 _STYLE = re.compile(r"^Style:\s*(?P<style>\S+)\s*$")
 POLICY_ID = re.compile(r"\b([A-Z]{1,3})\.(\d+)\b")
 
@@ -75,7 +80,9 @@ class Spec:
 
 def parse_category(name: str, text: str, source: str) -> Category:
     """Parse one category file; every format problem is a one-line error naming file and line."""
-    lines = text.splitlines()
+    # "\n" only (after read_text's universal newlines): U+2028 or \x0c inside a policy's text is not a line break
+    # for an editor, so it must not start a header here either, and line numbers must be the editor's.
+    lines = text.split("\n")
     if not text.strip():
         raise PipelineError(f"{source}: empty policy file")
     m = _TITLE.match(lines[0])
@@ -85,6 +92,11 @@ def parse_category(name: str, text: str, source: str) -> Category:
     sections: List[Tuple[int, re.Match, List[str]]] = []
     seen: Dict[str, int] = {}
     for n, line in enumerate(lines[1:], 2):
+        if _NEAR_SECTION.match(line) and not _SECTION.match(line):
+            raise PipelineError(
+                f"{source}:{n}: {line.rstrip()[:60]!r} looks like a policy header but is not "
+                f"'## {prefix}.<number> <title>' (capital prefix, a dot, the number, one space, the title)"
+            )
         if line.startswith("## "):
             sm = _SECTION.match(line)
             if sm:

@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import yaml
 
 from .errors import PipelineError
-from .io import atomic_path, write_json, write_text
+from .io import atomic_path, check_safetensors_checkpoint, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +373,7 @@ def load_model(model_dir: Path):
 
     if not any(Path(model_dir).glob("*.safetensors")):  # never fall back to pytorch_model.bin (a pickle)
         raise PipelineError(f"{model_dir}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    check_safetensors_checkpoint(model_dir)  # every weight file transformers would open is safetensors, and well-formed
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
 
 
@@ -384,6 +385,7 @@ def require_model_dir(path: Path, stage: str, upstream: str) -> None:
         raise PipelineError(f"{path}: no config.json, not an HF checkpoint (input of {stage})")
     if not any(path.glob("*.safetensors")):
         raise PipelineError(f"{path}: no *.safetensors weights (input of {stage})")
+    check_safetensors_checkpoint(path)
 
 
 def file_digest(path: Path, big: int = 64 << 20) -> str:

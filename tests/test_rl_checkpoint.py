@@ -21,6 +21,12 @@ SECRET = "PRIVATE-REASONING-7f3a"  # appears only inside CoTs; must never reach 
 
 
 @pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    # paths.work must be a directory inside the project (the cwd), as a stage run from the project root has it
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -59,7 +65,7 @@ def inputs(tmp_path) -> Path:
 def _params(tmp: Path, **rl):
     return parse_params({
         "categories": ["violence"],
-        "paths": {"spec": str(tmp / "spec"), "prompts": str(tmp / "prompts"), "work": str(tmp / "work")},
+        "paths": {"spec": str(tmp / "spec"), "prompts": str(tmp / "prompts"), "work": "work"},
         "rl_checkpoint": rl,
     })
 

@@ -28,6 +28,12 @@ FAST = {"learning_rate": 3e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0}
 
 
 @pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    # paths.work must be a directory inside the project (the cwd), as a stage run from the project root has it
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny matrices: a second thread only adds sync overhead, and under a busy CPU it costs 10-20x.
     n = torch.get_num_threads()
@@ -70,7 +76,7 @@ def _params(tmp: Path, **sft):
         (tmp / d).mkdir(exist_ok=True)
     return parse_params({
         "categories": ["violence"],
-        "paths": {"spec": str(tmp / "spec"), "prompts": str(tmp / "prompts"), "work": str(tmp / "work")},
+        "paths": {"spec": str(tmp / "spec"), "prompts": str(tmp / "prompts"), "work": "work"},
         "sft_checkpoint": sft,
     })
 

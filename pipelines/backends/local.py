@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..errors import PipelineError
+from ..io import check_safetensors_checkpoint
 from ..params.common import Sampling, TransformersBackend
 from .base import Conversation, cut_at_stop, prefills
 
@@ -30,6 +31,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", tr
         raise PipelineError(f"{path}: not a model checkpoint (no config.json); run `dvc repro base_model` first")
     if not any(path.glob("*.safetensors")):
         raise PipelineError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    check_safetensors_checkpoint(path)  # every weight file transformers would open is safetensors, and well-formed
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"  # decoder-only batching: pad on the left so every row ends at its last prompt token
     if tok.pad_token is None:

@@ -16,9 +16,12 @@ from typing import Annotated, List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import Fraction, JudgeParams, PositiveInt, Strict
+from .common import Fraction, JudgeParams, PositiveInt, Seed, Strict
 
+# Every float here is finite (Strict refuses inf/nan) and bounded above where a value beyond the bound is a mistake.
 PositiveFloat = Annotated[float, Field(gt=0.0)]
+LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
+Temperature = Annotated[float, Field(gt=0.0, le=100.0)]
 
 
 class LoraParams(Strict):
@@ -49,15 +52,15 @@ class TrainingStageParams(Strict):
     gradient_checkpointing: bool = False  # trades ~20% more compute for activation memory; a 135M model needs none
 
     # -------------------------------------------------------------------- optimiser
-    learning_rate: PositiveFloat = 5e-5
+    learning_rate: LearningRate = 5e-5
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1  # fraction of the steps spent warming up
-    max_grad_norm: PositiveFloat = 1.0
+    max_grad_norm: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
     # AdamW as one fused kernel (CPU and CUDA); measured on the 135M model on 2 CPU cores: 0.06 s vs 0.26 s per step
     optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
     per_device_batch_size: PositiveInt = 4  # rows per process per micro-step
     gradient_accumulation_steps: PositiveInt = 1  # micro-steps per optimiser step
-    seed: int = 0  # data order, dropout, LoRA init and (RL) sampling
+    seed: Seed = 0  # data order, dropout, LoRA init and (RL) sampling
 
     # -------------------------------------------------------------------- logging and checkpoints
     logging_steps: PositiveInt = 1  # optimiser steps between log rows (the loss/reward curve); logging is cheap
@@ -81,7 +84,7 @@ class SftCheckpointParams(TrainingStageParams):
     """Supervised fine-tuning on the spec-free chat examples; loss on the assistant turn (CoT + answer) only."""
 
     # 1 pass over the data, capped by max_steps: ~30 steps x ~4.6 s on 2 CPU cores = ~2.3 min
-    epochs: PositiveFloat = 1.0
+    epochs: Annotated[float, Field(gt=0.0, le=10_000.0)] = 1.0
     max_steps: Optional[PositiveInt] = 30  # cap on optimiser steps; None = run every epoch in full
     max_length: PositiveInt = 512  # tokens per row (system + prompt + CoT + answer); longer rows are cut, and counted
     packing: bool = False  # pack rows into max_length blocks (faster on GPU; changes per-row loss weighting)
@@ -94,23 +97,23 @@ class RlCheckpointParams(TrainingStageParams):
     """GRPO from the SFT model on spec-free prompts; reward = judge score of the answer (CoT withheld) + format bonus."""
 
     # 6 steps x ~20-30 s on 2 idle CPU cores = ~2-3 min (estimate, see the module docstring)
-    learning_rate: PositiveFloat = 5e-6  # RL moves a trained policy: 10x below SFT
+    learning_rate: LearningRate = 5e-6  # RL moves a trained policy: 10x below SFT
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # few steps: no decay
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # with 6 steps, a warmup step would be a step at lr 0
     max_steps: PositiveInt = 6  # optimiser steps (each: generate, score, update)
     # completions per process per micro-step (not prompts!): 8 = 2 prompts x num_generations 4
     per_device_batch_size: PositiveInt = 8
     save_steps: PositiveInt = 2  # a GRPO step is slow on CPU; lose at most 2 after a kill
-    num_generations: Annotated[int, Field(ge=2)] = 4  # group size: completions per prompt that GRPO compares
+    num_generations: Annotated[int, Field(ge=2, le=1024)] = 4  # group size: completions per prompt that GRPO compares
     # tokens per completion (CoT + answer). A CoT cut before </think> has no answer and scores 0, which also rewards
     # finishing within budget; generation and the update both grow with it (160 costs ~1.5x of 96 per step)
     max_completion_length: PositiveInt = 96
-    temperature: PositiveFloat = 0.9  # sampling temperature; must be > 0 so a group's completions differ
+    temperature: Temperature = 0.9  # sampling temperature; must be > 0 so a group's completions differ
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    beta: Annotated[float, Field(ge=0.0)] = 0.0  # KL penalty to the SFT model; 0 skips the reference model
+    beta: Annotated[float, Field(ge=0.0, le=1e3)] = 0.0  # KL penalty to the SFT model; 0 skips the reference model
     # The reward judge. It never sees the CoT (the paper's choice, so RL cannot teach the CoT to please the judge).
     judge: JudgeParams = JudgeParams(sees_cot=False)
-    format_weight: Annotated[float, Field(ge=0.0)] = 0.2  # reward = judge score / 10 + format_weight * well-formed
+    format_weight: Annotated[float, Field(ge=0.0, le=1e3)] = 0.2  # reward = judge score / 10 + format_weight * well-formed
     max_prompts_per_category: Optional[PositiveInt] = None  # None = every training prompt
 
     @field_validator("judge")
