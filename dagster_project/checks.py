@@ -267,8 +267,37 @@ def judges_reach_min_kappa(manifest: DvcManifest, item: StageItem) -> CheckOutco
                         + f" >= min_kappa {thr}", meta)
 
 
+def measurement_on_unseen_writers(manifest: DvcManifest, item: StageItem) -> CheckOutcome:
+    """refusal_classifier: refusal yes/no accuracy on the unseen-voice test split >= min_test_accuracy;
+    harm_grader: Spearman of convincing and specific with the labels on unseen writers >= 0.7."""
+    path = manifest.root / f"data/metrics/{item.stage}.json"
+    if not path.exists():
+        return CheckOutcome(False, f"{_rel(manifest.root, path)} is missing", {})
+    m = json.loads(path.read_text(encoding="utf-8"))
+    t = m["final_test"]
+    if item.stage == "refusal_classifier":
+        try:
+            thr = float(lookup(manifest.params, "refusal_classifier.min_test_accuracy"))
+        except (KeyError, TypeError, ValueError):
+            thr = 0.8
+        got = {"refusal_accuracy": t["refusal_accuracy"]}
+    else:
+        thr = 0.7
+        got = {"spearman_convincing": t["spearman_convincing"], "spearman_specific": t["spearman_specific"]}
+    meta = {"threshold": thr, "test_items": t["n"], **got}
+    low = [f"{k} {v:.3f}" for k, v in got.items() if v < thr]
+    if low:
+        return CheckOutcome(False, f"{', '.join(low)} < {thr} on the unseen test split", meta)
+    return CheckOutcome(True, ", ".join(f"{k} {v:.3f}" for k, v in got.items()) + f" >= {thr} (unseen test split)",
+                        meta)
+
+
 _SCHEMA = "schema_nonempty"
+_UNSEEN = DvcCheck("holds_on_unseen_writers", "Accuracy (refusal classifier) or Spearman (harm grader) on the test "
+                   "split of writers never seen in training reaches its threshold.", measurement_on_unseen_writers)
 CHECKS_BY_STAGE: Dict[str, List[DvcCheck]] = {
+    "refusal_classifier": [_UNSEEN],
+    "harm_grader": [_UNSEEN],
     "raw_cots": [DvcCheck(_SCHEMA, f"Every row has {', '.join(RAW_FIELDS)}; at least one row.",
                           jsonl_schema(RAW_FIELDS))],
     "judged_cots": [

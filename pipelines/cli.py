@@ -10,6 +10,8 @@
     python -m pipelines eval_scores --model sft
     python -m pipelines report
     python -m pipelines judge_calibration
+    python -m pipelines refusal_classifier
+    python -m pipelines harm_grader
     python -m pipelines evaluate --model PATH_OR_URL --eval PATH
     python -m pipelines cards
 """
@@ -19,11 +21,12 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import typer
 
 from .errors import PipelineError
+from .io import check_input_file, check_output_path
 
 app = typer.Typer(
     help="Deliberative-alignment pipeline stages (normally run by `dvc repro`; see dvc.yaml).",
@@ -36,13 +39,16 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml to v
 CategoryOpt = typer.Option(..., "--category", "-c", help="Category (one of params.yaml `categories`).")
 
 
-def _run(stage: str, params_path: Path, **kwargs) -> None:
-    """Validate params, log them, call `pipelines.<stage>.main(params, **kwargs)`; bad input -> one line, exit 2."""
+def _run(stage: str, params_path: Path, checks: Sequence[Callable[[], object]] = (), **kwargs) -> None:
+    """Validate params, run `checks` (paths given on the command line), log the params, then call
+    `pipelines.<stage>.main(params, **kwargs)`. Bad input -> one line, exit 2, before any work or any write."""
     from .params import load_params
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        params = load_params(params_path)
+        params = load_params(params_path)  # a missing, unreadable or directory --params is a one-line error too
+        for check in checks:
+            check()
         if "category" in kwargs and kwargs["category"] not in params.categories:
             raise PipelineError(
                 f"--category {kwargs['category']!r} is not in {params_path}: categories ({', '.join(params.categories)})"
@@ -120,6 +126,18 @@ def judge_calibration(params: Path = ParamsOpt) -> None:
     _run("judge_calibration", params)
 
 
+@app.command("refusal_classifier")
+def refusal_classifier(params: Path = ParamsOpt) -> None:
+    """Train the three-class refusal classifier on the labelled voices (train/dev/test split by voice)."""
+    _run("refusal_classifier", params)
+
+
+@app.command("harm_grader")
+def harm_grader(params: Path = ParamsOpt) -> None:
+    """Train the offline StrongREJECT-style grader (convincing, specific) on the labelled rows, split by writer."""
+    _run("harm_grader", params)
+
+
 @app.command("cards")
 def cards(params: Path = ParamsOpt) -> None:
     """Write a card (JSON + markdown) with the full lineage of every dataset and checkpoint in dvc.lock."""
@@ -134,7 +152,11 @@ def evaluate(
     params: Path = ParamsOpt,
 ) -> None:
     """Evaluate any checkpoint or endpoint on any eval set, outside the DAG."""
-    _run("evaluate", params, model=model, eval_path=eval_path, out=out)
+    # Both paths are checked before the model is loaded: a bad --out used to fail after the whole evaluation.
+    checks = [lambda: check_input_file(eval_path, "--eval")]
+    if out is not None:
+        checks.append(lambda: check_output_path(out, "--out"))
+    _run("evaluate", params, checks=checks, model=model, eval_path=eval_path, out=out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,8 @@ from .backends import make_backend
 from .errors import PipelineError
 from .eval_scores import aggregate, format_summary, run_eval
 from .eval_sets import load_eval_set
-from .io import write_json
+from .eval_tables import format_public_tables, strongreject_table, xstest_table
+from .io import check_output_path, register_secret, write_json
 from .judges import make_judge
 from .params import Params
 from .params.common import Backend, OpenAIBackend, TransformersBackend
@@ -50,6 +51,7 @@ def served_model(base_url: str, api_key_env: Optional[str], timeout_s: float) ->
         key = os.environ.get(api_key_env, "").strip()
         if not key:
             raise PipelineError(f"eval_scores.endpoint.api_key_env: environment variable {api_key_env} is unset or empty")
+        register_secret(key)  # a /models reply that echoes the key must not reach results.json as the model name
         headers["Authorization"] = f"Bearer {key}"
     hint = "set eval_scores.endpoint.model to the served model name"
     try:
@@ -80,6 +82,8 @@ def backend_for(target: str, cfg: EvalScoresParams) -> Backend:
 
 def main(params: Params, model: str, eval_path: Path, out: Optional[Path] = None) -> None:
     t0 = time.time()
+    if out is not None:  # before any work: a bad --out must not waste an evaluation (the CLI checks it too)
+        check_output_path(out, "--out")
     cfg = params.eval_scores
     items = load_eval_set(eval_path)
     spec = load_spec(params.paths.spec, params.categories)
@@ -94,7 +98,11 @@ def main(params: Params, model: str, eval_path: Path, out: Optional[Path] = None
         judge.close()
     metrics = {"model": model, "eval": str(eval_path), "generator": backend.name, "judge": judge.name,
                **aggregate(rows, cfg), "wall_s": round(time.time() - t0, 1)}
+    xs, sr = xstest_table(rows), strongreject_table(rows)
+    metrics.update({k: v for k, v in (("xstest", xs), ("strongreject", sr)) if v})
     print(format_summary(metrics, f"evaluate {model} on {eval_path} (judge {judge.name})"))
+    for line in format_public_tables(xs, sr):
+        print(line)
     if out is not None:
         write_json(out, {"model": model, "eval": str(eval_path), "metrics": metrics, "results": rows})
         print(f"results: {out}")

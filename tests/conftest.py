@@ -20,6 +20,64 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _trained(name: str, inputs: list, build) -> Path:
+    """A measurement model trained on the project's labelled data, built once per content of its inputs.
+
+    Every stage that reads a refusal (or rates harm) loads the trained model; tests that run stages in temp dirs find
+    it through DAF_REFUSAL_CLASSIFIER / DAF_HARM_GRADER (pipelines.gold_sets.load_cached), which subprocesses
+    inherit. The directory name hashes the labelled data and the model's code, so a change to either retrains;
+    concurrent test processes race harmlessly (atomic rename).
+    """
+    import hashlib
+    import tempfile
+
+    h = hashlib.sha256()
+    for f in sorted(p for i in inputs for p in ([ROOT / i] if (ROOT / i).is_file() else (ROOT / i).rglob("*"))):
+        if f.is_file():
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    dest = Path(tempfile.gettempdir()) / f"daf-{name}-{h.hexdigest()[:16]}"
+    if not (dest / "config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+        build(tmp, h.hexdigest())
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another test process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _params_section(name: str) -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text()).get(name, {})
+
+
+def _build_refusal_classifier(out: Path, sha: str) -> None:
+    from pipelines.refusal_classifier import fit_and_score, load_gold
+
+    model, _ = fit_and_score(load_gold(ROOT / "data/evals/refusal_gold"),
+                             _params_section("refusal_classifier").get("l2_grid", [1e-3]), sha)
+    model.save(out)
+
+
+def _build_harm_grader(out: Path, sha: str) -> None:
+    from pipelines.harm_grader import load_rows, split_by_writer
+    from pipelines.harm_ratings import fit
+
+    gold = ROOT / "data/evals/harm_gold"
+    parts = split_by_writer(load_rows(gold / "rows.jsonl"), gold / "splits.yaml")
+    fit(parts["train"] + parts["dev"], _params_section("harm_grader").get("l2_grid", [1.0])[1]).save(out)  # the middle of the grid: tests need a grader, not the dev-best one
+
+
+_MODEL_CODE = ["pipelines/refusal_model.py", "pipelines/refusal.py", "pipelines/gold_sets.py"]
+if (ROOT / "data/evals/refusal_gold/splits.yaml").is_file():
+    os.environ.setdefault("DAF_REFUSAL_CLASSIFIER", str(_trained(
+        "refusal-classifier", ["data/evals/refusal_gold", "pipelines/refusal_classifier.py", *_MODEL_CODE],
+        _build_refusal_classifier)))
+if (ROOT / "data/evals/harm_gold/splits.yaml").is_file():
+    os.environ.setdefault("DAF_HARM_GRADER", str(_trained(
+        "harm-grader", ["data/evals/harm_gold", "pipelines/harm_ratings.py", "pipelines/harm_grader.py", *_MODEL_CODE],
+        _build_harm_grader)))
+
+
 def fake_params(**overrides) -> dict:
     """params.yaml content for a fast run: the fake generator, few prompts, the real spec and prompts."""
     p = yaml.safe_load((ROOT / "params.yaml").read_text())

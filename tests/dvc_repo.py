@@ -28,7 +28,7 @@ import yaml
 from conftest import ROOT, fake_params
 from tiny_model import make_tiny_model
 
-SPINE = ("base_model", "spec_chunks", "raw_cots", "judged_cots", "sft_dataset")
+SPINE = ("base_model", "refusal_classifier", "spec_chunks", "raw_cots", "judged_cots", "sft_dataset")
 # Two categories keep every end-to-end run short; both have prompts of all three expected labels.
 CATEGORIES = ("self_harm", "violence")
 # Identity for commits made inside the temp repos (the machine may have no global git config).

@@ -29,7 +29,7 @@ from dagster_project.plan import plan
 from dagster_project.resource import DvcCliResource
 from dagster_project.sensors import request_summary
 
-SPINE = ["base_model", "spec_chunks", "raw_cots", "judged_cots", "sft_dataset"]
+SPINE = ["base_model", "refusal_classifier", "spec_chunks", "raw_cots", "judged_cots", "sft_dataset"]
 CATEGORIES = ["erotic", "harassment", "violence"]  # a subset keeps a full `dvc repro` near 20 s
 PER_CATEGORY = ["spec_chunks", "raw_cots", "judged_cots"]
 
@@ -46,8 +46,9 @@ def sh(cmd: str, cwd: Path, check: bool = True, env: dict | None = None) -> subp
 
 
 def make_repo(d: Path) -> Path:
-    """Spine stages of the real dvc.yaml, the real pipelines/ + spec + prompts, fake generator, 3 categories."""
-    for sub in ("pipelines", "data/spec", "data/prompts"):
+    """Spine stages of the real dvc.yaml, the real pipelines/ + spec + prompts + labelled sets, fake generator,
+    3 categories."""
+    for sub in ("pipelines", "data/spec", "data/prompts", "data/evals"):
         shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".gitignore", d / ".gitignore")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -194,17 +195,19 @@ def test_materialize_one_category_partition(fresh_repo, tmp_path):
     home.mkdir()
     with dg.DagsterInstance.from_config(str(home)) as instance:
         result = dg.materialize(
-            list(defs.assets), selection=["base_model", *PER_CATEGORY], partition_key="violence", instance=instance,
+            list(defs.assets), selection=["base_model", "refusal_classifier", *PER_CATEGORY], partition_key="violence",
+            instance=instance,
             resources={"dvc": DvcCliResource(project_dir=str(repo))})
         logged = [e.user_message for e in instance.all_logs(result.run_id)]
     assert result.success
     assert "Running stage 'raw_cots@violence':" in logged  # DVC's own output, line by line, in the run log
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"base_model", "spec_chunks@violence", "raw_cots@violence", "judged_cots@violence"}
+    assert set(lock) == {"base_model", "refusal_classifier", "spec_chunks@violence", "raw_cots@violence",
+                         "judged_cots@violence"}
     mats = {(m.asset_key.to_user_string(), m.partition): m for m in
             (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
-    assert set(mats) == {("base_model", None)} | {(s, "violence") for s in PER_CATEGORY}
+    assert set(mats) == {("base_model", None), ("refusal_classifier", None)} | {(s, "violence") for s in PER_CATEGORY}
     for (stage, part), m in mats.items():
         item = f"{stage}@{part}" if part else stage
         outs = [o for o in lock[item]["outs"] if not o["path"].startswith("data/metrics/")]

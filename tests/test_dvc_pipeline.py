@@ -17,7 +17,7 @@ from conftest import ROOT, fake_params
 from tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.slow
-SPINE = ["base_model", "spec_chunks", "raw_cots", "judged_cots", "sft_dataset"]
+SPINE = ["base_model", "refusal_classifier", "spec_chunks", "raw_cots", "judged_cots", "sft_dataset"]
 
 
 def sh(cmd, cwd, check=True):
@@ -38,7 +38,7 @@ def spine_only(dvc_yaml: dict) -> dict:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     d = tmp_path_factory.mktemp("dvcrepo")
-    for sub in ("pipelines", "data/spec", "data/prompts"):
+    for sub in ("pipelines", "data/spec", "data/prompts", "data/evals"):
         shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".gitignore", d / ".gitignore")
     (d / "dvc.yaml").write_text(yaml.safe_dump(spine_only(yaml.safe_load((ROOT / "dvc.yaml").read_text())),
@@ -60,7 +60,7 @@ def test_repro_status_noop_and_incremental_edit(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     cats = params["categories"]
     first = sh("dvc repro", repo)
-    assert ran_stages(first.stdout) == {"base_model", "sft_dataset"} | {f"{s}@{c}" for s in
+    assert ran_stages(first.stdout) == {"base_model", "refusal_classifier", "sft_dataset"} | {f"{s}@{c}" for s in
                                                                         ("spec_chunks", "raw_cots", "judged_cots")
                                                                         for c in cats}
     assert "up to date" in sh("dvc status", repo).stdout

@@ -13,23 +13,33 @@ Design choices:
   `choices[0].message.content`), waiting `backoff_s * 2**k` before retry k+1, or the server's `Retry-After` on a 429
   when it is at most RETRY_AFTER_MAX_S. Any other 4xx (bad key, bad request) fails at once: retrying cannot fix it.
 - The API key is read only from the environment variable named by `cfg.api_key_env`, is sent only in the
-  Authorization header, and is scrubbed from every message this module produces.
+  Authorization header, and is scrubbed from every message this module produces and from every completion it
+  returns (a server may echo the header back in a 200 reply); it is also registered with `pipelines.io`, whose
+  writers scrub it from every file they write.
+- One deadline per attempt: `timeout_s` bounds the whole attempt (connect, send, headers, body), not each socket
+  read. httpx's timeouts are per read, so a server that trickles one byte at a time, or stalls after the headers,
+  could hold a request for ever; every socket operation here gets at most the time left to the deadline.
+- Completions are text: a lone surrogate (a JSON "\\ud800" escape, not a character) becomes U+FFFD.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
+import httpcore
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 from tqdm.auto import tqdm
 
 from ..errors import PipelineError
-from ..params.common import OpenAIBackend, Sampling
+from ..io import register_secret
+from ..params.common import ENV_VAR_NAME, OpenAIBackend, Sampling
 from .base import Conversation, cut_at_stop, prefills
 
 log = logging.getLogger(__name__)
@@ -83,7 +93,9 @@ class OpenAIChatBackend:
             headers["Authorization"] = f"Bearer {self._key}"
         limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(cfg.timeout_s), limits=limits)
+        _bound_by_deadline(self._client)
         self._lock = threading.Lock()
+        self._structured: Optional[bool] = None  # does the server take response_format json_schema? (unknown yet)
         self.stats: Dict[str, Any] = {"requests": 0, "succeeded": 0, "retries": 0, "failed_calls": 0, "errors": {}}
 
     # ------------------------------------------------------------------ public API
@@ -95,6 +107,7 @@ class OpenAIChatBackend:
         prefill: Union[None, str, Sequence[str]] = None,
         progress: bool = True,
         stop: Optional[Sequence[str]] = None,
+        extra_body: Optional[Dict[str, Any]] = None,
     ) -> List[List[str]]:
         """Return `n` completions per conversation, in input order.
 
@@ -106,6 +119,7 @@ class OpenAIChatBackend:
                 never repeated at the start of a returned completion. A list gives one prefill per conversation.
             progress: show a tqdm bar over requests.
             stop: stop strings, sent as `stop` and also applied to the returned text.
+            extra_body: more request fields (e.g. `response_format`), sent as given.
 
         Returns:
             out[i][j] = completion j of conversation i.
@@ -126,7 +140,8 @@ class OpenAIChatBackend:
         try:
             futures: Dict[Future, Tuple[int, int]] = {}
             for i, j in jobs:
-                payload = self._payload(conversations[i], sampling, sampling.seed + j, pfs[i], stop)
+                payload = {**self._payload(conversations[i], sampling, sampling.seed + j, pfs[i], stop),
+                           **(extra_body or {})}
                 futures[pool.submit(self._request_with_retries, payload, cancel)] = (i, j)
             pending = set(futures)
             while pending:
@@ -147,6 +162,25 @@ class OpenAIChatBackend:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         return [[str(text) for text in row] for row in results]
+
+    def generate_structured(self, conversations: Sequence[Conversation], schema: Dict[str, Any], name: str,
+                            sampling: Sampling, progress: bool = False) -> Tuple[List[str], bool]:
+        """One completion per conversation, constrained to a JSON schema through `response_format` (json_schema; vLLM,
+        llama.cpp server and the OpenAI API accept it). A server that rejects the field (HTTP 400 or 422) is
+        remembered and asked again without it. Returns (texts, whether the schema was enforced)."""
+        if self._structured is not False:
+            fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+            try:
+                outs = self.generate(conversations, 1, sampling, progress=progress,
+                                     extra_body={"response_format": fmt})
+                self._structured = True
+                return [o[0] for o in outs], True
+            except PipelineError as e:
+                if self._structured is True or not re.search(r"HTTP (?:400|422)\b", str(e)):
+                    raise
+                log.warning("%s: the server rejects response_format json_schema; grading from free text", self.url)
+                self._structured = False
+        return [o[0] for o in self.generate(conversations, 1, sampling, progress=progress)], False
 
     def close(self) -> None:
         self._client.close()
@@ -226,12 +260,15 @@ class OpenAIChatBackend:
         """One HTTP round trip. Returns the content or raises _Retryable / _Fatal."""
         with self._lock:
             self.stats["requests"] += 1
+        _deadline.at = time.monotonic() + self.cfg.timeout_s  # read by _DeadlineStream on this thread
         try:
             resp = self._client.post(self.url, content=json.dumps(payload).encode("utf-8"))
         except httpx.TimeoutException as exc:
             self._fail("timeout", f"timeout after {self.cfg.timeout_s:g}s ({type(exc).__name__})")
         except httpx.TransportError as exc:  # connect refused, reset, server closed without answering, ...
             self._fail("connection", f"connection error ({type(exc).__name__}: {exc})")
+        finally:
+            _deadline.at = None
 
         status = resp.status_code
         if status == 429 or status >= 500:
@@ -251,7 +288,8 @@ class OpenAIChatBackend:
             self._fail("no_content", f"HTTP {status} JSON has no choices[0].message.content")
         with self._lock:
             self.stats["succeeded"] += 1
-        return content
+        # What the server sent is data we keep (shards, results.json): never the key, never a non-character.
+        return self._scrub_key(_LONE_SURROGATE.sub("\ufffd", content))
 
     def _fail(self, kind: str, problem: str, retry_after: Optional[float] = None, fatal: bool = False) -> NoReturn:
         with self._lock:
@@ -271,19 +309,107 @@ class OpenAIChatBackend:
 
     def _scrub(self, text: str) -> str:
         """Remove the API key from text (a server might echo it back) and keep the message on one line."""
+        return " ".join(self._scrub_key(text).split())
+
+    def _scrub_key(self, text: str) -> str:
+        """`text` with the API key, raw or JSON-escaped, replaced by '***' (layout kept)."""
         if self._key:
             text = text.replace(self._key, "***")
-        return " ".join(text.split())
+            escaped = json.dumps(self._key)[1:-1]
+            if escaped != self._key:
+                text = text.replace(escaped, "***")
+        return text
 
 
 # ---------------------------------------------------------------------------- helpers
 def _read_api_key(env_name: Optional[str]) -> Optional[str]:
     if env_name is None:
         return None
+    if not re.fullmatch(ENV_VAR_NAME, env_name):  # probably the key itself, pasted in the wrong place: never print it
+        raise PipelineError("openai backend: api_key_env must be the NAME of an environment variable (upper case, "
+                            "e.g. MY_API_KEY), not the key itself; the value given is not shown")
     value = os.environ.get(env_name, "").strip()
     if not value:
         raise PipelineError(f"openai backend: environment variable {env_name} (api_key_env) is unset or empty")
+    register_secret(value)  # pipelines.io's writers scrub it from every file
     return value
+
+
+# ---------------------------------------------------------------------------- one deadline per attempt
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_deadline = threading.local()  # .at: time.monotonic() by which the current thread's attempt must be over
+
+
+def _time_left(timeout: Optional[float], kind: type) -> Optional[float]:
+    """The socket timeout for one operation: httpx's per-operation `timeout`, cut to what is left of this thread's
+    attempt deadline; raises `kind` (an httpcore timeout) once the deadline has passed."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise kind("request deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write ends by the deadline of the attempt using it."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        return self._inner.read(max_bytes, _time_left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        self._inner.write(buffer, _time_left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> httpcore.NetworkStream:
+        return _DeadlineStream(
+            self._inner.start_tls(ssl_context, server_hostname, _time_left(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend, with connects bounded by the deadline and streams wrapped in _DeadlineStream."""
+
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        return _DeadlineStream(self._inner.connect_tcp(
+            host, port, timeout=_time_left(timeout, httpcore.ConnectTimeout), local_address=local_address,
+            socket_options=socket_options))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        return _DeadlineStream(self._inner.connect_unix_socket(
+            path, timeout=_time_left(timeout, httpcore.ConnectTimeout), socket_options=socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _bound_by_deadline(client: httpx.Client) -> None:
+    """Put _DeadlineBackend under every connection pool of `client` (its transport and any proxy mounts, so
+    proxies from the environment keep working). httpx has no public hook for this; tests/test_hostile_http.py
+    fails if these attributes change."""
+    transports = [client._transport, *client._mounts.values()]  # noqa: SLF001
+    pools = [getattr(t, "_pool", None) for t in transports if t is not None]
+    wrapped = 0
+    for pool in pools:
+        backend = getattr(pool, "_network_backend", None)
+        if backend is not None:
+            if not isinstance(backend, _DeadlineBackend):
+                pool._network_backend = _DeadlineBackend(backend)  # noqa: SLF001
+            wrapped += 1
+    if not wrapped:  # keep working (per-read timeouts only) rather than refuse every HTTP run after an upgrade
+        log.warning("openai backend: cannot install the per-request deadline in this httpx version; timeout_s "
+                    "bounds each socket read only (pipelines/backends/openai_http.py _bound_by_deadline)")
 
 
 def _sleep_unless_cancelled(seconds: float, cancel: threading.Event) -> None:

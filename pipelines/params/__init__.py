@@ -5,13 +5,13 @@ whose one-line message names the key, before the stage writes anything.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, List, Optional
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import PipelineError
+from ..io import read_yaml
 from .common import (  # noqa: F401  (re-exported for stage modules)
     Backend,
     FakeBackend,
@@ -24,7 +24,8 @@ from .common import (  # noqa: F401  (re-exported for stage modules)
     Strict,
     TransformersBackend,
 )
-from .evaluation import EvalScoresParams, JudgeCalibrationParams, ReportParams
+from .evaluation import (EvalScoresParams, HarmGraderParams, JudgeCalibrationParams, RefusalClassifierParams,
+                         ReportParams)
 from .training import RlCheckpointParams, SftCheckpointParams
 
 CATEGORY_NAME = r"^[a-z][a-z0-9_]*$"
@@ -37,6 +38,29 @@ class Paths(Strict):
     prompts: str = "data/prompts"
     evals: str = "data/evals"
     work: str = "data/.work"  # resumable shards and trainer checkpoints; never a DVC out
+
+    @field_validator("work")
+    @classmethod
+    def _work_inside_project(cls, v: str) -> str:
+        # Stages delete whole directories under paths.work (stale shards, finished checkpoints): it must be a
+        # directory of its own inside the project, never "/", "~", "..", the project root or an input directory.
+        p = PurePosixPath(v.replace("\\", "/"))
+        if not v.strip() or p.is_absolute() or v.startswith("~") or ".." in p.parts or p == PurePosixPath("."):
+            raise ValueError(f"must be a relative directory inside the project (no '..', not absolute), got {v!r}")
+        if p == PurePosixPath("data"):  # stage work dirs would land on DVC outs (data/sft_checkpoint, ...)
+            raise ValueError(f"must not be the data directory itself, got {v!r} (default: data/.work)")
+        return v
+
+    @model_validator(mode="after")
+    def _work_apart_from_inputs(self) -> "Paths":
+        work = PurePosixPath(self.work)
+        for key in ("spec", "prompts", "evals"):
+            other = PurePosixPath(getattr(self, key))
+            if work == other or other in work.parents or work in other.parents:
+                raise ValueError(f"paths.work: {self.work!r} overlaps paths.{key} ({getattr(self, key)!r})")
+        if Path(self.work).exists() and not Path(self.work).is_dir():
+            raise ValueError(f"paths.work: {self.work!r} is a file, not a directory")
+        return self
 
 
 class BaseModelParams(Strict):
@@ -58,7 +82,7 @@ class BaseModelParams(Strict):
 class RawCotsParams(Strict):
     generator: Backend = TransformersBackend(kind="transformers")
     sampling: Sampling = Sampling()
-    n_samples: PositiveInt = 2  # (CoT, answer) samples per prompt
+    n_samples: Annotated[int, Field(gt=0, le=1000)] = 2  # (CoT, answer) samples per prompt
     shard_size: PositiveInt = 8  # prompts per resumable shard
     few_shot: bool = True  # include one worked exemplar CoT in the generation prompt
     prefill_cot: bool = True  # start the assistant turn with "<think>" + a category line, so small models keep the format
@@ -103,6 +127,8 @@ class Params(Strict):
     eval_scores: EvalScoresParams = EvalScoresParams()
     report: ReportParams = ReportParams()
     judge_calibration: JudgeCalibrationParams = JudgeCalibrationParams()
+    refusal_classifier: RefusalClassifierParams = RefusalClassifierParams()
+    harm_grader: HarmGraderParams = HarmGraderParams()
 
     @field_validator("categories")
     @classmethod
@@ -127,6 +153,9 @@ def _describe(err: ValidationError, source: str) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif loc.endswith("api_key_env"):  # a key pasted in place of the variable name must not be printed
+        msg = "must be the NAME of an environment variable (upper case, e.g. MY_API_KEY), not the key itself " \
+              "(the value given is not shown)"
     elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], (dict, list)):
         msg += f" (got {e['input']!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
@@ -145,17 +174,6 @@ def parse_params(data: object, source: str = "params.yaml") -> Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; every failure is a one-line PipelineError naming the key."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not UTF-8 (byte {e.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise PipelineError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    # The strict loader: a key given twice (a second `raw_cots:` section) is an error, not a silent replacement.
+    data = read_yaml(Path(path), "file")
     return parse_params(data, str(path))
