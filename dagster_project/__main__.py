@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--dagster-home", default=None,
                     help="Dagster instance directory (default: $DAGSTER_HOME). Without one, Dagster rows are SKIP.")
     au.add_argument("--no-dagster", action="store_true", help="Do not read any Dagster instance.")
+    au.add_argument("--rehash", action="store_true",
+                    help="Also hash every out from its bytes (slower): DVC's own check trusts inode, mtime and size, "
+                         "so an edit that restores them passes it.")
     return p
 
 
@@ -69,7 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         from .audit import audit, format_audit
 
-        result = audit(root, dagster_home=args.dagster_home, use_dagster=not args.no_dagster)
+        result = audit(root, dagster_home=args.dagster_home, use_dagster=not args.no_dagster,
+                       rehash=args.rehash)
         print(json.dumps(result, indent=2) if args.json else format_audit(result))
         return 0 if result["ok"] else 1
     except (ManifestError, DvcCommandError) as e:

@@ -13,6 +13,7 @@ Rows (PASS / FAIL / WARN / SKIP); any FAIL makes the exit code 1:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -98,6 +99,48 @@ def audit_dvc(manifest: DvcManifest, status: Dict[str, List[Any]]) -> List[Row]:
     return rows
 
 
+_NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+def _as_number(v: Any) -> Optional[float]:
+    """A number, or a string that is one: YAML 1.1 (PyYAML, what DVC wrote into dvc.lock) reads `5e-05` as the string
+    '5e-05' while params.yaml's `5.0e-05` is a float; both mean the same learning rate."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and _NUMBER.match(v.strip()):
+        return float(v)
+    return None
+
+
+def first_difference(current: Any, recorded: Any, key: str) -> Optional[Tuple[str, Any, Any]]:
+    """(dotted key, current, recorded) of the first value that differs, comparing by value: numbers as numbers
+    (1 == 1.0, '5e-05' == 5.0e-05), mappings key by key, lists item by item; None when they agree."""
+    if isinstance(current, dict) and isinstance(recorded, dict):
+        for k in sorted(set(current) | set(recorded), key=str):
+            if k not in current or k not in recorded:
+                return f"{key}.{k}", current.get(k, "<missing>"), recorded.get(k, "<missing>")
+            diff = first_difference(current[k], recorded[k], f"{key}.{k}")
+            if diff:
+                return diff
+        return None
+    if isinstance(current, list) and isinstance(recorded, list):
+        if len(current) != len(recorded):
+            return key, current, recorded
+        for i, (a, b) in enumerate(zip(current, recorded)):
+            diff = first_difference(a, b, f"{key}[{i}]")
+            if diff:
+                return diff
+        return None
+    if isinstance(current, bool) != isinstance(recorded, bool):  # True == 1 in Python, not in a params file
+        return key, current, recorded
+    a, b = _as_number(current), _as_number(recorded)
+    if a is not None and b is not None:
+        return None if a == b or abs(a - b) <= 1e-12 * max(abs(a), abs(b)) else (key, current, recorded)
+    return None if current == recorded else (key, current, recorded)
+
+
 def audit_params(manifest: DvcManifest) -> List[Row]:
     mismatches: List[str] = []
     compared = 0
@@ -112,13 +155,54 @@ def audit_params(manifest: DvcManifest) -> List[Row]:
                 try:
                     current = lookup(data, key)
                 except KeyError:
-                    mismatches.append(f"{name}: {file}:{key} missing (dvc.lock has {recorded!r})")
+                    mismatches.append(f"{name}: {file}:{key} missing (dvc.lock has {_short(recorded)})")
                     continue
-                if current != recorded:
-                    mismatches.append(f"{name}: {file}:{key} is {_short(current)}, dvc.lock has {_short(recorded)}")
+                diff = first_difference(current, recorded, key)
+                if diff:
+                    where, now, then = diff
+                    mismatches.append(f"{name}: {file}:{where} is {_short(now)}, dvc.lock has {_short(then)}")
     if mismatches:
-        return [Row(FAIL, "params match dvc.lock", "; ".join(mismatches)[:1500])]
-    return [Row(PASS, "params match dvc.lock", f"{compared} recorded param values equal params.yaml")]
+        # the first mismatch in full (it names the key and both values), then a count of the rest
+        more = f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        return [Row(FAIL, "params match dvc.lock", mismatches[0] + more)]
+    return [Row(PASS, "params match dvc.lock", f"{compared} recorded param values equal params.yaml (by value)")]
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records for an out, computed from the bytes: a file's md5, or for a directory the md5 of the
+    JSON list of {"md5", "relpath"} of its files sorted by relpath, plus ".dir" (DVC's directory manifest)."""
+    if path.is_file():
+        return _md5_file(path)
+    entries = sorted(({"md5": _md5_file(f), "relpath": f.relative_to(path).as_posix()}
+                      for f in path.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def audit_rehash(manifest: DvcManifest) -> List[Row]:
+    """Every out's md5 recomputed from its bytes, not taken from DVC's state cache (which trusts inode, mtime and
+    size, so an edit that restores both passes `dvc status`)."""
+    rows: List[Row] = []
+    checked = 0
+    for name in manifest.items:
+        for out, md5 in manifest.lock_outs(name).items():
+            path = manifest.root / out
+            if not md5 or not path.exists():
+                continue  # missing outs are reported by the DVC rows
+            checked += 1
+            got = dvc_md5(path)
+            if got != md5:
+                rows.append(Row(FAIL, f"out {out} (rehash)", f"bytes hash to {got}, dvc.lock has {md5} ({name})"))
+    if not rows:
+        rows.append(Row(PASS, "outs rehashed", f"{checked} outs hashed from their bytes match dvc.lock"))
+    return rows
 
 
 def _short(v: Any) -> str:
@@ -273,12 +357,15 @@ def audit_environment(manifest: DvcManifest) -> List[Row]:
 
 
 # ------------------------------------------------------------------------------------------------ all
-def audit(root: str | Path, dagster_home: Optional[str] = None, use_dagster: bool = True) -> Dict[str, Any]:
+def audit(root: str | Path, dagster_home: Optional[str] = None, use_dagster: bool = True,
+          rehash: bool = False) -> Dict[str, Any]:
     manifest = DvcManifest.load(root)
     check_item_keys(manifest)
     git_rows, sha = audit_git(manifest.root)
     status = dvc_json(["status"], manifest.root)
     rows = git_rows + audit_dvc(manifest, dict(status or {})) + audit_params(manifest)  # type: ignore[arg-type]
+    if rehash:
+        rows += audit_rehash(manifest)
     if use_dagster:
         rows += audit_dagster(manifest, find_instance_dir(dagster_home))
     else:

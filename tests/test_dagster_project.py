@@ -404,6 +404,25 @@ def test_audit_passes_on_untouched_run(reproduced_repo, tmp_path):
 
 
 @pytest.mark.slow
+def test_rehash_catches_an_edit_that_restores_size_and_mtime(reproduced_repo, tmp_path):
+    repo = copy_repo(reproduced_repo, tmp_path / "repo")
+    proc = dagster_cli("audit", "--rehash", "--no-dagster", cwd=repo)
+    assert proc.returncode == 0 and re.search(r"PASS\s+outs rehashed", proc.stdout), proc.stdout
+    sh("dvc status", repo)  # DVC records inode/mtime/size of every out in its state cache now
+    path = repo / "data/judged_cots/erotic.jsonl"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    i = data.index(b'"kept": false') if b'"kept": false' in data else data.index(b"e")
+    data[i:i + 13] = b'"kept": true ' if data[i:i + 13] == b'"kept": false' else data[i:i + 1].upper() + data[i + 1:i + 13]
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the bytes changed
+    assert path.stat().st_size == st.st_size
+    proc = dagster_cli("audit", "--rehash", "--no-dagster", cwd=repo)
+    assert proc.returncode == 1, proc.stdout
+    assert re.search(r"FAIL\s+out data/judged_cots/erotic\.jsonl \(rehash\)\s+bytes hash to", proc.stdout), proc.stdout
+
+
+@pytest.mark.slow
 def test_audit_fails_naming_a_tampered_and_a_missing_out(reproduced_repo, tmp_path):
     repo = copy_repo(reproduced_repo, tmp_path / "repo")
     with (repo / "data/judged_cots/erotic.jsonl").open("a") as f:
