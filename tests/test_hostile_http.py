@@ -146,6 +146,23 @@ def attempt(backend: OpenAIChatBackend) -> dict:
 N_CASES = 48
 
 
+def attempt_all(server, backends) -> List[dict]:
+    """One attempt per backend, all at once (each in its own thread); then the server and backends are closed."""
+    results: List[dict] = [{} for _ in backends]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, attempt(backends[i])))
+               for i in range(len(backends))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=CAP_S + 10)
+    finally:
+        server.close()
+        for b in backends:
+            b.close()
+    return results
+
+
 def test_one_attempt_ends_within_its_deadline_whatever_the_server_trickles():
     rng = random.Random(0)
     server = TrickleServer()
@@ -161,22 +178,8 @@ def test_one_attempt_ends_within_its_deadline_whatever_the_server_trickles():
                            "fast": 0.0}.get(kind, sent * plan["interval"])
         server.plans[f"c{i}"] = plan
         plans.append(plan)
-    results: List[dict] = [{} for _ in plans]
     backends = [make_backend(server.url(f"c{i}"), plans[i]["timeout_s"]) for i in range(N_CASES)]
-
-    def run(i: int) -> None:
-        results[i] = attempt(backends[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(N_CASES)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=CAP_S + 10)
-    finally:
-        server.close()
-        for b in backends:
-            b.close()
+    results = attempt_all(server, backends)
     kinds_timed_out = set()
     for plan, res in zip(plans, results):
         assert res, "attempt did not return"
@@ -195,22 +198,11 @@ def test_one_attempt_ends_within_its_deadline_whatever_the_server_trickles():
 def test_retries_each_get_their_own_deadline_and_the_whole_call_is_bounded():
     server = TrickleServer()
     kinds = ["stall", "trickle_all", "trickle_body", "stall_after_headers"]
-    backends = []
-    results: List[dict] = [{} for _ in kinds]
-    try:
-        for i, kind in enumerate(kinds):
-            server.plans[f"r{i}"] = {"kind": kind, "interval": 0.2, "content": "late"}
-            backends.append(make_backend(server.url(f"r{i}"), timeout_s=0.4, max_retries=2, backoff_s=0.05))
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, attempt(backends[i])))
-                   for i in range(len(kinds))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=CAP_S + 10)
-    finally:
-        server.close()
-        for b in backends:
-            b.close()
+    for i, kind in enumerate(kinds):
+        server.plans[f"r{i}"] = {"kind": kind, "interval": 0.2, "content": "late"}
+    backends = [make_backend(server.url(f"r{i}"), timeout_s=0.4, max_retries=2, backoff_s=0.05)
+                for i in range(len(kinds))]
+    results = attempt_all(server, backends)
     for res in results:
         assert "gave up after 3 attempts" in res.get("error", ""), res
         assert res["elapsed"] <= 3 * 0.4 + 0.05 + 0.1 + SLACK_S, res
