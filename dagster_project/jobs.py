@@ -21,11 +21,14 @@ from .translator import DagsterDvcTranslator
 
 # job name -> (description, stages it ends at (with everything upstream) | exact stages)
 UPSTREAM_OF: Dict[str, Sequence[str]] = {"data_only": ["sft_dataset"]}
-EXACTLY: Dict[str, Sequence[str]] = {"evaluate": ["eval_scores", "report"]}
+# evaluate also carries the two measurement models eval_scores reads (DVC skips them when they are up to date), so
+# an evaluation launched on its own never finds them missing
+EXACTLY: Dict[str, Sequence[str]] = {"evaluate": ["refusal_classifier", "harm_grader", "eval_scores", "report"]}
 DESCRIPTIONS = {
     "data_only": "Spec chunks, CoT generation, judging and the SFT dataset (everything up to sft_dataset), "
                  "for one category partition; base_model and sft_dataset run too and are skipped by DVC when unchanged.",
-    "evaluate": "Evaluate one model partition (eval_scores@<model>) and rebuild the report.",
+    "evaluate": "Evaluate one model partition (eval_scores@<model>) and rebuild the report (the refusal classifier "
+                "and harm grader it reads are brought up to date first).",
 }
 
 

@@ -178,7 +178,9 @@ def test_code_version_follows_code_params_and_command(fresh_repo, tmp_path):
     with (repo / "pipelines/judged_cots.py").open("a") as f:
         f.write("\n# a comment is a code change\n")
     v1 = versions()
-    assert {k for k in v0 if v0[k] != v1[k]} == {"judged_cots"}
+    # exactly the stages whose command imports the file: judged_cots, and sft_dataset, which imports judged_cots.py
+    # (dvc.yaml lists every imported project file, tests/test_code_deps.py)
+    assert {k for k in v0 if v0[k] != v1[k]} == {"judged_cots", "sft_dataset"}
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["raw_cots"]["n_samples"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
