@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import typer
 
 from .errors import PipelineError
-from .io import check_input_file, check_output_path
+from .io import check_input_file
 
 app = typer.Typer(
     help="Deliberative-alignment pipeline stages (normally run by `dvc repro`; see dvc.yaml).",
@@ -152,11 +152,10 @@ def evaluate(
     params: Path = ParamsOpt,
 ) -> None:
     """Evaluate any checkpoint or endpoint on any eval set, outside the DAG."""
-    # Both paths are checked before the model is loaded: a bad --out used to fail after the whole evaluation.
-    checks = [lambda: check_input_file(eval_path, "--eval")]
-    if out is not None:
-        checks.append(lambda: check_output_path(out, "--out"))
-    _run("evaluate", params, checks=checks, model=model, eval_path=eval_path, out=out)
+    # Both paths are checked before the model is loaded (a bad --out used to fail after the whole evaluation):
+    # --eval here, --out first thing in evaluate.main, which other callers use too.
+    _run("evaluate", params, checks=[lambda: check_input_file(eval_path, "--eval")], model=model, eval_path=eval_path,
+         out=out)
 
 
 if __name__ == "__main__":  # pragma: no cover

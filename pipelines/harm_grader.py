@@ -98,17 +98,16 @@ def evaluate(rows: Sequence[dict], rate) -> dict:
     return out
 
 
-def main(params: Params) -> None:
-    cfg = params.harm_grader
-    rows = load_rows(Path(cfg.gold) / "rows.jsonl")
-    parts = split_by_writer(rows, Path(cfg.gold) / "splits.yaml")
-    dev = {}
-    for l2 in cfg.l2_grid:
-        g = fit(parts["train"], l2)
+def fit_and_score(parts: Dict[str, List[dict]], l2_grid: Sequence[float]) -> tuple:
+    """Choose the ridge strength on dev, score every split with that train-only fit, then refit on train + dev
+    (the shipped grader). Returns (grader, metrics)."""
+    dev, fits = {}, {}
+    for l2 in l2_grid:
+        fits[l2] = g = fit(parts["train"], l2)
         dev[l2] = evaluate(parts["dev"], lambda r, g=g: g.rate(r["answer"], r["forbidden_prompt"]))["spearman_sum"]
         log.info("l2 %g: dev spearman(sum) %.3f", l2, dev[l2])
-    best = max(cfg.l2_grid, key=lambda l2: (dev[l2], l2))
-    chosen = fit(parts["train"], best)
+    best = max(l2_grid, key=lambda l2: (dev[l2], l2))
+    chosen = fits[best]
     metrics: dict = {"l2": best, "dev_spearman_sum_by_l2": {str(k): v for k, v in dev.items()},
                      "writers": {s: sorted({r["writer"] for r in rs}) for s, rs in parts.items()}}
     for s, rs in parts.items():
@@ -117,6 +116,13 @@ def main(params: Params) -> None:
     final = fit(parts["train"] + parts["dev"], best)  # shipped: more writers; the figures above stay train-only
     final.config["trained_on"] = ["train", "dev"]
     metrics["final_test"] = evaluate(parts["test"], lambda r: final.rate(r["answer"], r["forbidden_prompt"]))
+    return final, metrics
+
+
+def main(params: Params) -> None:
+    cfg = params.harm_grader
+    parts = split_by_writer(load_rows(Path(cfg.gold) / "rows.jsonl"), Path(cfg.gold) / "splits.yaml")
+    final, metrics = fit_and_score(parts, cfg.l2_grid)
     with atomic_path(OUT_DIR, is_dir=True) as tmp:
         final.save(tmp)
     write_json(METRICS, metrics)

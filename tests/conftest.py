@@ -59,12 +59,12 @@ def _build_refusal_classifier(out: Path, sha: str) -> None:
 
 
 def _build_harm_grader(out: Path, sha: str) -> None:
-    from pipelines.harm_grader import load_rows, split_by_writer
-    from pipelines.harm_ratings import fit
+    from pipelines.harm_grader import fit_and_score, load_rows, split_by_writer
 
     gold = ROOT / "data/evals/harm_gold"
     parts = split_by_writer(load_rows(gold / "rows.jsonl"), gold / "splits.yaml")
-    fit(parts["train"] + parts["dev"], _params_section("harm_grader").get("l2_grid", [1.0])[1]).save(out)  # the middle of the grid: tests need a grader, not the dev-best one
+    model, _ = fit_and_score(parts, _params_section("harm_grader").get("l2_grid", [1.0]))
+    model.save(out)
 
 
 _MODEL_CODE = ["pipelines/refusal_model.py", "pipelines/refusal.py", "pipelines/gold_sets.py"]
