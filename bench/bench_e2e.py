@@ -3,8 +3,9 @@
 Clones the committed HEAD of this repository into a temporary directory, runs `make run` there (install into .venv,
 `dvc repro` of the whole pipeline on the embedded model), and stamps every output line with the time it
 arrived. A stage's wall time runs from DVC's "Running stage '<item>'" line to the next stage's line (or the end of
-`dvc repro`), so it includes the stage process's start-up and imports, which the stages' own `wall_s` metrics do
-not. Use a warm pip cache (run `make setup` once anywhere) to measure the pipeline rather than the downloads.
+`dvc repro`), so it includes the stage process's start-up and imports, which the stages' own times
+(`data/.work/timings/`) do not. Use a warm pip cache (run `make setup` once anywhere) to measure the pipeline rather
+than the downloads.
 
     python bench/bench_e2e.py [--keep] [--dest DIR]
 """

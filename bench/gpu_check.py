@@ -702,7 +702,8 @@ class Runner:
         rec["launcher"] = {k: (summary.get("params") or {}).get(k) for k in ("launcher", "launcher_config", "precision",
                                                                              "device")}
         tokens = metrics.get("tokens_seen")
-        secs = metrics.get("train_time_s")
+        # the training time is kept out of the metrics (a DVC out) and recorded under paths.work (pipelines/timings.py)
+        secs = (read_json(self.workdir / "data/.work/timings" / f"{stage}.json") or {}).get("train_s")
         n = self.parameters()
         if tokens and secs:
             rec["tokens_per_s"] = round(tokens / secs, 1)
@@ -747,7 +748,8 @@ class Runner:
         tokens = generated_tokens(self.workdir / "data/base_model", rows)
         rec["generated_tokens"] = tokens
         rec["samples"] = [{"prompt_id": r.get("prompt_id"), "raw": (r.get("raw") or "")[:400]} for r in rows[:2]]
-        secs = metrics.get("wall_s")
+        # the stage's time is kept out of its metrics (a DVC out) and recorded under paths.work (pipelines/timings.py)
+        secs = (read_json(self.workdir / "data/.work/timings" / f"raw_cots@{cat}.json") or {}).get("wall_s")
         if tokens and secs:
             rec["tokens_per_s"] = round(tokens / secs, 1)
             rec["tokens_per_s_basis"] = ("generated tokens / the stage's wall_s (includes loading the model for "

@@ -9,7 +9,12 @@ Rows (PASS / FAIL / WARN / SKIP); any FAIL makes the exit code 1:
 - dagster: the latest materialization of every asset partition carries dvc.lock's data version, and the latest asset
   check results passed (needs a DAGSTER_HOME instance; SKIP otherwise);
 - environment: package versions and seeds in training_summary.json files vs this environment and params.yaml
-  (a major/minor difference FAILs, a patch difference WARNs).
+  (a major/minor difference FAILs, a patch difference WARNs);
+- environment lock: every package pinned in requirements/cpu.lock (+ nodeps.lock) vs the installed version, by the
+  same rule (SKIP without a lock file, or with --no-lock for a GPU install made with `make setup LOCK=`);
+- bit-identical reruns: stages whose params take them off the deterministic path (a GPU, multi-process training, a
+  generator or judge on an HTTP server) are named in a WARN row: a rerun of them may record other md5s
+  (RELIABILITY.md, "Bit-identical reruns").
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
@@ -33,6 +38,7 @@ from .versions import data_version
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 SUMMARY_FILE = "training_summary.json"
+LOCK_FILES = ("requirements/cpu.lock", "requirements/nodeps.lock")  # what `make setup` installs, hash-checked
 
 
 @dataclass
@@ -205,6 +211,20 @@ def audit_rehash(manifest: DvcManifest) -> List[Row]:
     return rows
 
 
+def lock_out_md5s(lock_file: Path) -> Dict[Tuple[str, str], Optional[str]]:
+    """{(stage item, out path): md5} of every out recorded in a dvc.lock."""
+    stages = (yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) or {}).get("stages") or {}
+    return {(name, o["path"]): o.get("md5") for name, s in stages.items() for o in s.get("outs") or []}
+
+
+def differing_outs(one: Mapping[Tuple[str, str], Optional[str]],
+                   two: Mapping[Tuple[str, str], Optional[str]]) -> List[str]:
+    """`item: path (md5 one != md5 two)` for every out whose md5 differs between two dvc.lock files, or that only
+    one of them records; sorted. Two runs of one commit on the same inputs should give none (bit-identical reruns)."""
+    return [f"{name}: {path} ({one.get((name, path))} != {two.get((name, path))})"
+            for name, path in sorted(set(one) | set(two)) if one.get((name, path)) != two.get((name, path))]
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, sort_keys=True, default=str)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -310,6 +330,87 @@ def _release(v: str) -> Tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
 
 
+def _drift(pkg: str, wanted: str, current: Optional[str]) -> Tuple[Optional[str], str]:
+    """(FAIL/WARN or None when equal, what differs): a major/minor difference or a missing package FAILs, a patch
+    or local-build difference (2.13.0+cpu vs 2.13.0+cu128) WARNs."""
+    if current is None:
+        return FAIL, f"{pkg} {wanted} not installed"
+    if current == wanted:
+        return None, ""
+    status = FAIL if _release(current)[:2] != _release(wanted)[:2] else WARN
+    return status, f"{pkg} {wanted} -> {current}" + (" (patch or build)" if status == WARN else "")
+
+
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+
+
+def read_lock_pins(path: Path) -> Dict[str, str]:
+    """{normalised distribution name: version} of the `name==version` lines of a pip requirements/lock file."""
+    pins: Dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = _PIN.match(line.strip())
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return pins
+
+
+def audit_lock(root: Path, lock_files: Iterable[str] = LOCK_FILES) -> List[Row]:
+    """Installed versions vs the lock files `make setup` installs from: the environment that reproduces the outs."""
+    present = [root / f for f in lock_files if (root / f).is_file()]
+    if not present:
+        return [Row(SKIP, "environment lock", f"no {' / '.join(lock_files)} in {root}")]
+    pins: Dict[str, str] = {}
+    for f in present:
+        pins.update(read_lock_pins(f))
+    fails, warns = [], []
+    for pkg, wanted in sorted(pins.items()):
+        status, what = _drift(pkg, wanted, _env_version(pkg))
+        (fails if status == FAIL else warns if status == WARN else []).append(what)
+    names = ", ".join(f.relative_to(root).as_posix() for f in present)
+    if not fails and not warns:
+        return [Row(PASS, "environment lock", f"{len(pins)} installed versions match {names}")]
+    shown = fails + warns
+    detail = "; ".join(shown[:8]) + (f" (+{len(shown) - 8} more)" if len(shown) > 8 else "")
+    return [Row(FAIL if fails else WARN, "environment lock",
+                f"{len(shown)} of {len(pins)} differ from {names}: {detail}. Reinstall with `make setup` (a GPU "
+                "install made with `make setup LOCK=` differs on purpose: audit --no-lock)")]
+
+
+def nondeterministic_settings(value: Any, key: str = "") -> Iterable[str]:
+    """`key: why` for every setting in a params value that takes a stage off the deterministic path (what DVC
+    records for it may change on a rerun): an HTTP backend, a device other than the CPU, a multi-process launcher."""
+    if isinstance(value, dict):
+        dot = f"{key}." if key else ""
+        if value.get("kind") == "openai":
+            yield f"{key or 'params'}: an HTTP server generates (its batching and sampling are outside this run)"
+        if value.get("device") not in (None, "cpu"):
+            yield f"{dot}device {value['device']}: GPU kernels are not bitwise repeatable"
+        if value.get("launcher") not in (None, "python"):
+            yield f"{dot}launcher {value['launcher']}: several processes reduce gradients in varying order"
+        for k, v in value.items():
+            yield from nondeterministic_settings(v, f"{dot}{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from nondeterministic_settings(v, f"{key}[{i}]")
+
+
+def audit_determinism(manifest: DvcManifest) -> List[Row]:
+    """Stages whose declared params make a rerun's outs differ from dvc.lock's even with the same code and inputs."""
+    found: Dict[str, List[str]] = {}
+    for name in manifest.stages:
+        for ref_key, value in manifest.param_values(name).items():
+            key = ref_key.split(":", 1)[1]
+            for why in nondeterministic_settings(value, "" if key == "*" else key):
+                if why not in found.setdefault(name, []):
+                    found[name].append(why)
+    if not found:
+        return [Row(PASS, "bit-identical reruns", f"none of the {len(manifest.stages)} stages uses a GPU, several "
+                                                  "processes or an HTTP generator or judge: a rerun on this machine "
+                                                  "records the same md5s")]
+    detail = "; ".join(f"{n} ({', '.join(w)})" for n, w in found.items())
+    return [Row(WARN, "bit-identical reruns", f"a rerun may record other md5s for: {detail}"[:1500])]
+
+
 def audit_environment(manifest: DvcManifest) -> List[Row]:
     summaries: List[Tuple[str, Path]] = []
     for name in manifest.topological_order():
@@ -329,15 +430,11 @@ def audit_environment(manifest: DvcManifest) -> List[Row]:
             continue
         fails, warns, same = [], [], 0
         for pkg, recorded in sorted((summary.get("packages") or {}).items()):
-            current = _env_version(pkg)
-            if current is None:
-                fails.append(f"{pkg} {recorded} not installed")
-            elif current == recorded:
+            status, what = _drift(pkg, str(recorded), _env_version(pkg))
+            if status is None:
                 same += 1
-            elif _release(current)[:2] != _release(str(recorded))[:2]:
-                fails.append(f"{pkg} {recorded} -> {current}")
             else:
-                warns.append(f"{pkg} {recorded} -> {current} (patch)")
+                (fails if status == FAIL else warns).append(what)
         if "packages" not in summary:
             warns.append("no package versions recorded")
         status = FAIL if fails else WARN if warns else PASS
@@ -358,7 +455,7 @@ def audit_environment(manifest: DvcManifest) -> List[Row]:
 
 # ------------------------------------------------------------------------------------------------ all
 def audit(root: str | Path, dagster_home: Optional[str] = None, use_dagster: bool = True,
-          rehash: bool = False) -> Dict[str, Any]:
+          rehash: bool = False, use_lock: bool = True) -> Dict[str, Any]:
     manifest = DvcManifest.load(root)
     check_item_keys(manifest)
     git_rows, sha = audit_git(manifest.root)
@@ -371,6 +468,8 @@ def audit(root: str | Path, dagster_home: Optional[str] = None, use_dagster: boo
     else:
         rows.append(Row(SKIP, "dagster", "--no-dagster"))
     rows += audit_environment(manifest)
+    rows += audit_lock(manifest.root) if use_lock else [Row(SKIP, "environment lock", "--no-lock")]
+    rows += audit_determinism(manifest)
     return {"ok": not any(r.status == FAIL for r in rows), "commit": sha, "project_dir": str(manifest.root),
             "rows": [asdict(r) for r in rows]}
 

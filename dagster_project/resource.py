@@ -12,11 +12,16 @@ metadata from the outs (and whether DVC reused the result), then the item's asse
 passed on the same dvc.lock record is not run again: checks.OutcomeCache). A failed blocking
 check stops the step before any later item runs. A non-zero exit raises with DVC's error; an interrupt reaches DVC as
 SIGINT (see dvc_cli.py).
+
+Stages marked `meta: {dagster: {pipes: true}}` in dvc.yaml (the training stages) report through Dagster Pipes: their
+`dvc repro` runs inside a pipes session whose bootstrap variables go into DVC's environment, which DVC hands to the
+stage command. What the stage logs through pipes (a line per training step) arrives in the run log while it runs;
+custom messages `{"metadata": {...}}` it sends are added to the item's materialization metadata.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set
 
 import dagster as dg
 from pydantic import Field
@@ -34,6 +39,22 @@ CODE_VERSION_TAG = "dagster/code_version"
 USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
 
 
+def reports_through_pipes(item: StageItem) -> bool:
+    """Whether the item's stage talks Dagster Pipes (dvc.yaml `meta: {dagster: {pipes: true}}`)."""
+    dagster_meta = item.meta.get("dagster") if isinstance(item.meta, Mapping) else None
+    return isinstance(dagster_meta, Mapping) and dagster_meta.get("pipes") is True
+
+
+def pipes_metadata(messages: Sequence[Any]) -> Dict[str, Any]:
+    """Materialization metadata from a stage's pipes custom messages: the `metadata` mapping of each, later wins."""
+    out: Dict[str, Any] = {}
+    for msg in messages:
+        if isinstance(msg, Mapping) and isinstance(msg.get("metadata"), Mapping):
+            for k, v in msg["metadata"].items():
+                out[str(k)] = dg.MetadataValue.json(v) if isinstance(v, (Mapping, list)) else v
+    return out
+
+
 class DvcCliResource(dg.ConfigurableResource):
     """Runs the DVC CLI in a project directory, streaming its output to the Dagster log."""
 
@@ -48,8 +69,10 @@ class DvcCliResource(dg.ConfigurableResource):
         default=True, description="Reuse the pass of a costly check (checkpoint loads and generates) while the item's "
                                   "dvc.lock record is the one it passed on (.dvc/tmp/dagster_check_outcomes.json).")
 
-    def cli(self, args: Sequence[str], *, context: Optional[Any] = None, check: bool = True) -> DvcRun:
-        """Run `dvc args...`; each output line goes to the run's log (tqdm frames at debug level)."""
+    def cli(self, args: Sequence[str], *, context: Optional[Any] = None, check: bool = True,
+            env: Optional[Mapping[str, str]] = None) -> DvcRun:
+        """Run `dvc args...`; each output line goes to the run's log (tqdm frames at debug level). `env` adds to
+        the resource's own `env` for this call."""
         log = context.log if context is not None else dg.get_dagster_logger()
 
         def echo(line: str) -> None:
@@ -58,7 +81,7 @@ class DvcCliResource(dg.ConfigurableResource):
             (log.debug if is_progress_frame(line) else log.info)(line)
 
         return run_dvc(args, self.project_dir, echo, executable=self.executable, wait_for_lock=self.wait_for_lock,
-                       env=self.env, check=check)
+                       env={**self.env, **(env or {})}, check=check)
 
     def manifest(self) -> DvcManifest:
         return DvcManifest.load(self.project_dir)
@@ -88,6 +111,7 @@ class DvcReproInvocation:
     force: bool = False
     as_asset_events: bool = True  # False: an op outside assets logs AssetMaterialization/AssetCheckEvaluation events
     code_versions: Dict[dg.AssetKey, str] = field(default_factory=dict)
+    reported: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # item -> metadata its stage sent through pipes
 
     @classmethod
     def from_asset_context(cls, resource: DvcCliResource, context: dg.AssetExecutionContext,
@@ -155,7 +179,9 @@ class DvcReproInvocation:
         everything") would cost a DVC start per item. One status call tells which items need `dvc repro` at all.
         """
         to_run = [p for p in self.plans if p.materialize]
-        if self.force or len(to_run) < 2:
+        # a pipes stage is worth the question even alone: a pipes session for an item DVC then skips hears nothing
+        # and Dagster warns about it
+        if self.force or (len(to_run) < 2 and not any(reports_through_pipes(p.item) for p in to_run)):
             return None
         # the DVC this process imported answers without a new process, unless a specific executable is configured
         status = status_in_process(self.resource.project_dir) if self.resource.executable is None else None
@@ -177,8 +203,7 @@ class DvcReproInvocation:
                 reused = True
                 self.context.log.info(f"{plan.item.name}: up to date per `dvc status`; dvc repro not needed")
             elif plan.materialize:
-                args = ["repro", "--single-item", *(["--force"] if self.force else []), plan.item.name]
-                run = self.resource.cli(args, context=self.context)
+                run = self._repro(plan.item)
                 reused = plan.item.name in run.reused and plan.item.name not in run.ran
                 ran_any = ran_any or not reused
             manifest = self.manifest = self.manifest.with_fresh_lock()  # dvc.lock as the run left it
@@ -188,6 +213,7 @@ class DvcReproInvocation:
                 if dv is None:
                     raise dg.Failure(f"{item.name}: dvc.lock records no md5 for its outs after `dvc repro`")
                 metadata = self.translator.get_materialization_metadata(manifest, item, reused)
+                metadata.update(self.reported.pop(item.name, {}))
                 self.context.log.info(f"{item.name}: {'reused by DVC' if reused else 'ran'}; data version {dv}")
                 yield self._materialization(plan, item, dv, metadata)
             failed_blocking: List[str] = []
@@ -202,6 +228,17 @@ class DvcReproInvocation:
             if failed_blocking:
                 raise dg.Failure(f"{item.name}: blocking check failed, downstream items not run: "
                                  + "; ".join(failed_blocking))
+
+    def _repro(self, item: StageItem) -> DvcRun:
+        """`dvc repro --single-item <item>`; for a pipes stage, inside a pipes session (see the module docstring)."""
+        args = ["repro", "--single-item", *(["--force"] if self.force else []), item.name]
+        if not reports_through_pipes(item):
+            return self.resource.cli(args, context=self.context)
+        with dg.open_pipes_session(context=self.context, context_injector=dg.PipesTempFileContextInjector(),
+                                   message_reader=dg.PipesTempFileMessageReader()) as session:
+            run = self.resource.cli(args, context=self.context, env=session.get_bootstrap_env_vars())
+        self.reported[item.name] = pipes_metadata(session.get_custom_messages())
+        return run
 
     # -------------------------------------------------------------------------------------------- events
     def _materialization(self, plan: ItemPlan, item: StageItem, dv: str, metadata: Dict[str, Any]) -> Any:

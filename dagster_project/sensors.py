@@ -1,4 +1,12 @@
-"""A sensor (stopped by default) that watches the spec files and requests runs for just the affected partitions.
+"""Two sensors: `dvc_sync_sensor` (running) keeps Dagster in step with DVC; `spec_change_sensor` (stopped) reruns the
+category partitions whose spec files changed.
+
+dvc_sync_sensor: every 30 s it records an observation of each input whose md5 changed (cheap: the inputs are a few MB of
+text) and, when dvc.lock's bytes changed since the last tick (cursor = their sha256), calls `sync.sync`, which records
+what DVC produced outside Dagster as materializations. If DVC holds its repo lock (a `dvc repro` is under way) the
+tick leaves the cursor alone and the next one tries again. It launches no run.
+
+spec_change_sensor:
 
 Each tick hashes every file under the watched directory (data/spec) and compares with the hashes kept in the sensor
 cursor. A changed file maps to the DVC items that depend on it (a dep equal to the file or a directory holding it):
@@ -7,6 +15,13 @@ category. For each affected foreach key it requests one run of that partition, s
 are affected or downstream of an affected item with the same key (spec_chunks, raw_cots, judged_cots). Unpartitioned
 stages further down (sft_dataset, training, evaluation) are left to `data_only` / `full_pipeline` / a backfill, so a
 spec edit in three categories costs three category runs, not three SFT runs. The first tick only records hashes.
+
+Why a sensor and not declarative automation (an `AutomationCondition` on the per-category stages): the inputs are now
+observable assets, so `AutomationCondition.eager()` on spec_chunks/raw_cots/judged_cots would also react to a spec edit,
+but it is evaluated by Dagster's automation sensor over every asset, reacts to any updated dependency (a new base
+model would regenerate every category), and would make a plain edit start generation runs (which may call a paid
+backend) unless that sensor is stopped. This sensor is opt-in, reacts to spec files only, and gives each content
+digest one run key per category, so a re-tick never launches a second run of the same edit.
 """
 from __future__ import annotations
 
@@ -17,7 +32,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import dagster as dg
 
+from .dvc_cli import status_in_process
 from .manifest import DvcManifest, dep_matches_out
+from .sync import lock_digest, observe_inputs, sync
 from .translator import DagsterDvcTranslator
 
 
@@ -101,3 +118,28 @@ def build_spec_sensor(manifest: DvcManifest, translator: DagsterDvcTranslator, w
 def request_summary(requests: List[dg.RunRequest]) -> List[Tuple[str, List[str]]]:
     """(partition, [asset keys]) of run requests, for logs and tests."""
     return [(r.partition_key or "", [k.to_user_string() for k in r.asset_selection or []]) for r in requests]
+
+
+def build_sync_sensor(manifest: DvcManifest, translator: DagsterDvcTranslator, name: str = "dvc_sync_sensor",
+                      minimum_interval_seconds: int = 30) -> dg.SensorDefinition:
+    """The sensor that records DVC's runs and the inputs' versions in Dagster (see the module docstring)."""
+    root = manifest.root
+
+    @dg.sensor(name=name, default_status=dg.DefaultSensorStatus.RUNNING,
+               minimum_interval_seconds=minimum_interval_seconds,
+               description="Records what DVC produced outside Dagster (on a dvc.lock change) and the inputs' md5s. "
+                           "Runs nothing (see sensors.py).")
+    def dvc_sync_sensor(context: dg.SensorEvaluationContext):
+        digest = lock_digest(root)
+        if digest == context.cursor:
+            observed = observe_inputs(context.instance, manifest, translator)
+            return dg.SkipReason(f"dvc.lock unchanged; observed {len(observed)} changed input partition(s)")
+        status = status_in_process(root)  # never waits: a `dvc repro` may hold the lock for an hour
+        if status is None:
+            return dg.SkipReason("DVC is busy (repo lock held) or could not answer; trying again next tick")
+        result = sync(context.instance, root, translator=translator, asset_graph=context.repository_def.asset_graph,
+                      manifest=manifest, status=status)
+        context.update_cursor(digest)
+        return dg.SkipReason(result.summary())
+
+    return dvc_sync_sensor

@@ -16,6 +16,9 @@ Mapping: a plain stage is an unpartitioned asset; a foreach/matrix stage is one 
 `StaticPartitionsDefinition` over its keys (the categories from params.yaml, the models of eval_scores). Deps come from
 matching outs to deps item by item; the item edges decide the partition mapping (same key -> identity, every key ->
 all partitions, anything else -> a static mapping of exactly those edges).
+
+Inputs: the files users edit (deps no stage produces, not code) are observable assets of their own (inputs.py;
+`get_input_asset_key`, `get_input_spec`), wired as deps of the stages that read them with the same mapping rule.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 import dagster as dg
 
 from .checks import DvcCheck, checks_for
+from .inputs import InputCatalog, InputSource, discover_inputs
 from .manifest import DvcManifest, DvcStage, StageItem
-from .metadata import item_metadata
+from .metadata import code_references, item_metadata
 from .versions import code_version, default_is_code_dep
 
 PHASES = ("spec", "data", "training", "evaluation")  # the default group names
@@ -44,6 +48,25 @@ def default_phase(stage_name: str) -> str:
     return "data"
 
 
+def partition_mapping(pairs: Set[Tuple[Optional[str], Optional[str]]], up_keys: Optional[Sequence[str]],
+                      down_keys: Optional[Sequence[str]]) -> Optional[dg.PartitionMapping]:
+    """The mapping that gives exactly the item edges `pairs` ((upstream key, downstream key)) between two assets with
+    these partition keys (None = unpartitioned)."""
+    if up_keys is None:
+        return None  # an unpartitioned upstream feeds every partition
+    used = [u for u in up_keys if any(p[0] == u for p in pairs)]
+    if down_keys is None:
+        return dg.AllPartitionMapping() if set(used) == set(up_keys) else dg.SpecificPartitionsPartitionMapping(used)
+    if pairs == {(k, k) for k in down_keys} and set(down_keys) <= set(up_keys):
+        return dg.IdentityPartitionMapping()
+    if pairs == {(u, d) for u in up_keys for d in down_keys}:
+        return dg.AllPartitionMapping()
+    by_up: Dict[str, Set[str]] = {}
+    for u, d in pairs:
+        by_up.setdefault(str(u), set()).add(str(d))
+    return dg.StaticPartitionMapping(by_up)
+
+
 class DagsterDvcTranslator:
     """Turns DVC stages into Dagster asset specs. Stateless apart from memo caches; safe to share."""
 
@@ -51,6 +74,7 @@ class DagsterDvcTranslator:
         # (id(manifest), stage) -> (manifest, spec); keeping the manifest referenced keeps its id from being reused
         self._spec_cache: Dict[Tuple[int, str], Tuple[DvcManifest, dg.AssetSpec]] = {}
         self._partitions_cache: Dict[Tuple[str, ...], dg.StaticPartitionsDefinition] = {}
+        self._inputs_cache: Dict[int, Tuple[DvcManifest, InputCatalog]] = {}
 
     # -------------------------------------------------------------------------------------------- the spec
     def get_asset_spec(self, manifest: DvcManifest, stage_name: str) -> dg.AssetSpec:
@@ -63,6 +87,7 @@ class DagsterDvcTranslator:
             upstream = manifest.stages[up]
             deps.append(dg.AssetDep(self.get_asset_key(upstream),
                                     partition_mapping=self.get_partition_mapping(manifest, stage, upstream)))
+        deps += self.get_input_deps(manifest, stage)
         spec = dg.AssetSpec(
             key=self.get_asset_key(stage),
             deps=deps,
@@ -119,6 +144,7 @@ class DagsterDvcTranslator:
             md["dvc/params"] = dg.MetadataValue.json([f"{p.file}:{p.key or '*'}" for p in stage.params])
         if stage.is_template:
             md["dvc/foreach_keys"] = dg.MetadataValue.json(list(stage.keys or ()))
+        md.update(code_references(manifest, stage))
         return md
 
     def is_code_dep(self, root: Path, path: str) -> bool:
@@ -137,23 +163,42 @@ class DagsterDvcTranslator:
 
     def get_partition_mapping(self, manifest: DvcManifest, stage: DvcStage,
                               upstream: DvcStage) -> Optional[dg.PartitionMapping]:
-        if not upstream.is_template:
-            return None  # an unpartitioned upstream feeds every partition
-        pairs: Set[Tuple[Optional[str], Optional[str]]] = set(manifest.stage_edges().get((upstream.name, stage.name), []))
-        up_keys = [u for u in (upstream.keys or ()) if any(p[0] == u for p in pairs)]
-        if not stage.is_template:
-            if set(up_keys) == set(upstream.keys or ()):
-                return dg.AllPartitionMapping()
-            return dg.SpecificPartitionsPartitionMapping(up_keys)
-        down_keys = list(stage.keys or ())
-        if pairs == {(k, k) for k in down_keys} and set(down_keys) <= set(upstream.keys or ()):
-            return dg.IdentityPartitionMapping()
-        if pairs == {(u, d) for u in (upstream.keys or ()) for d in down_keys}:
-            return dg.AllPartitionMapping()
-        by_up: Dict[str, Set[str]] = {}
-        for u, d in pairs:
-            by_up.setdefault(str(u), set()).add(str(d))
-        return dg.StaticPartitionMapping(by_up)
+        pairs = set(manifest.stage_edges().get((upstream.name, stage.name), []))
+        return partition_mapping(pairs, upstream.keys, stage.keys)
+
+    # -------------------------------------------------------------------------------------------- inputs
+    def get_inputs(self, manifest: DvcManifest) -> InputCatalog:
+        """The input files of this manifest (memoised per manifest); stage asset names are kept off their names."""
+        if id(manifest) not in self._inputs_cache:
+            reserved = {self.get_asset_key(s).to_user_string() for s in manifest.stages.values()}
+            self._inputs_cache[id(manifest)] = (manifest, discover_inputs(manifest, self.is_code_dep, reserved))
+        return self._inputs_cache[id(manifest)][1]
+
+    def get_input_asset_key(self, source: InputSource) -> dg.AssetKey:
+        return dg.AssetKey([source.name])
+
+    def get_input_spec(self, manifest: DvcManifest, source: InputSource) -> dg.AssetSpec:
+        shown = source.pattern.replace("{key}", "<key>")
+        partitions = self.get_partitions_def(manifest.stages[source.stage]) if source.stage else None
+        readers = self.get_inputs(manifest).readers(source.name)
+        return dg.AssetSpec(
+            key=self.get_input_asset_key(source),
+            description=f"Input `{shown}`, edited by hand (not produced by any stage). Data version: its md5 as DVC "
+                        f"computes it. Read by: {', '.join(readers)}.",
+            metadata={"dvc/path": shown, "dvc/readers": dg.MetadataValue.json(readers)},
+            group_name="inputs",
+            partitions_def=partitions,
+        )
+
+    def get_input_deps(self, manifest: DvcManifest, stage: DvcStage) -> List[dg.AssetDep]:
+        """The inputs the stage's items read, each with the partition mapping of those (input key, item key) edges."""
+        catalog = self.get_inputs(manifest)
+        deps = []
+        for name, pairs in sorted(catalog.edges.get(stage.name, {}).items()):
+            source = catalog.sources[name]
+            deps.append(dg.AssetDep(self.get_input_asset_key(source),
+                                    partition_mapping=partition_mapping(pairs, source.keys, stage.keys)))
+        return deps
 
     def get_kinds(self, stage: DvcStage) -> Set[str]:
         return {"dvc"}

@@ -13,7 +13,7 @@
     python -m pipelines refusal_classifier
     python -m pipelines harm_grader
     python -m pipelines evaluate --model PATH_OR_URL --eval PATH
-    python -m pipelines cards
+    python -m pipelines cards [--model sft]
 """
 from __future__ import annotations
 
@@ -139,9 +139,14 @@ def harm_grader(params: Path = ParamsOpt) -> None:
 
 
 @app.command("cards")
-def cards(params: Path = ParamsOpt) -> None:
-    """Write a card (JSON + markdown) with the full lineage of every dataset and checkpoint in dvc.lock."""
-    _run("cards", params)
+def cards(
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Write the model card of this eval_scores.models key (base, sft, rl) "
+                                             "instead of the dataset cards."),
+    params: Path = ParamsOpt,
+) -> None:
+    """Hugging Face dataset cards of every dataset in dvc.lock, or (--model) one model's card with its evaluation."""
+    _run("cards", params, model=model)
 
 
 @app.command("evaluate")

@@ -88,9 +88,11 @@ from .params import Params
 from .params.common import Backend, Sampling
 from .params.evaluation import EvalScoresParams, EvalSetsParams
 from .refusal import APOLOGY, DISCLAIMER, EMPATHY, RESOURCES, classify, word_count
+from .repetition import is_degenerate
 from .shards import fingerprint, run_sharded
 from .spec import POLICY_ID, STYLES, Spec, load_spec
 from .stats import bootstrap_ci, fmt_ci, mean_ci, wilson_flags
+from .timings import record
 
 log = logging.getLogger("eval_scores")
 
@@ -420,7 +422,7 @@ def score_answers(items: Sequence[EvalItem], raws: Sequence[str], judge: Judge, 
             "transform": item.transform, "source": item.source, "type": item.type, "expected": item.expected,
             "policy": item.policy, "style": style, "prompt": item.prompt, "request": asked[k],
             "raw": raw, "cot": sp.cot, "answer": answer, "parse_ok": sp.parse_ok, "parse_problem": sp.problem,
-            "no_close_tag": sp.problem == "no_close_tag", "empty_answer": empty,
+            "no_close_tag": sp.problem == "no_close_tag", "empty_answer": empty, "degenerate": is_degenerate(raw),
             "refusal_class": refusal_class, "refused_string": refused_string, "refused_judge": refused_judge,
             "judge": judge.name, "judge_score": v.score, "judge_scores": v.scores, "judge_rationale": v.rationale,
             "judge_parse_failures": v.parse_failures, "judge_saw_cot": v.saw_cot,
@@ -612,6 +614,7 @@ def aggregate(rows: Sequence[dict], cfg: EvalScoresParams) -> dict:
         _put_share(m, f"style_{style}", [r for r in rows if r["style"] == style], "style_ok")
     m["unparsed"] = sum(not r["parse_ok"] for r in rows)
     m["unparsed_rate"] = _r(m["unparsed"] / len(rows))
+    _put_share(m, "degenerate_rate", rows, "degenerate")  # looping outputs (pipelines.repetition), with CI and n
     m["no_close_tag"] = sum(r["no_close_tag"] for r in rows)
     m["empty_answers"] = sum(r["empty_answer"] for r in rows)
     m["judge_parse_failures"] = sum(r["judge_parse_failures"] for r in rows)
@@ -736,11 +739,13 @@ def main(params: Params, model: str) -> None:
     finally:
         backend.close()
         judge.close()
-    metrics = {"model": model, "generator": backend.name, "judge": judge.name, **aggregate(rows, cfg),
-               "wall_s": round(time.time() - t0, 1)}
+    # no time in the metrics (a DVC out): a rerun on the same inputs must write the same bytes
+    metrics = {"model": model, "generator": backend.name, "judge": judge.name, **aggregate(rows, cfg)}
     # the out is the directory data/eval_scores/<model>: build it beside its place and rename it in, so a kill never
     # leaves it holding a temp file instead of results.jsonl
     with atomic_path(results_path(model).parent, is_dir=True) as out_dir:
         write_jsonl(out_dir / results_path(model).name, rows)
     write_json(metrics_path(model), metrics)
+    wall = record(f"eval_scores@{model}", params.paths.work, wall_s=time.time() - t0)["wall_s"]
     print(format_summary(metrics, f"eval_scores@{model} ({backend.name}, judge {judge.name})"))
+    log.info("eval_scores@%s done in %.1f s", model, wall)

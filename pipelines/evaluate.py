@@ -35,6 +35,7 @@ from .params import Params
 from .params.common import Backend, OpenAIBackend, TransformersBackend
 from .params.evaluation import EvalScoresParams
 from .spec import load_spec
+from .timings import record
 
 log = logging.getLogger("evaluate")
 
@@ -96,8 +97,10 @@ def main(params: Params, model: str, eval_path: Path, out: Optional[Path] = None
     finally:
         backend.close()
         judge.close()
+    # the time goes to paths.work/timings/evaluate.json, not into the results: the same evaluation run twice writes
+    # the same file, so two results files can be compared with diff
     metrics = {"model": model, "eval": str(eval_path), "generator": backend.name, "judge": judge.name,
-               **aggregate(rows, cfg), "wall_s": round(time.time() - t0, 1)}
+               **aggregate(rows, cfg)}
     xs, sr = xstest_table(rows), strongreject_table(rows)
     metrics.update({k: v for k, v in (("xstest", xs), ("strongreject", sr)) if v})
     print(format_summary(metrics, f"evaluate {model} on {eval_path} (judge {judge.name})"))
@@ -106,3 +109,5 @@ def main(params: Params, model: str, eval_path: Path, out: Optional[Path] = None
     if out is not None:
         write_json(out, {"model": model, "eval": str(eval_path), "metrics": metrics, "results": rows})
         print(f"results: {out}")
+    wall = record("evaluate", params.paths.work, wall_s=time.time() - t0)["wall_s"]
+    log.info("evaluate: done in %.1f s", wall)

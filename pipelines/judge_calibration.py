@@ -19,11 +19,13 @@ behaviour. It calls a row acceptable when the behaviour matches what the row exp
 It never looks at the CoT or the style, so it passes e.g. a wrongly styled refusal or a CoT citing the wrong category.
 
 Per judge: accuracy, precision and recall of "acceptable", Cohen's kappa against the labels, the confusion counts per
-category, per style (of the row's policy) and per case type, and cost: seconds per item (scoring only; model loading
-apart) and tokens per item where they can be counted (a transformers backend, through its tokenizer; n/a for HTTP
-and fake backends and for judges without a model). Between every pair of judges: agreement and Cohen's kappa on the
-rows both scored. The filtering judge's kappa is compared with `min_kappa` (the Dagster asset check); so is the
-reward judge's, on the answer-only cases (it never sees the CoT by design, so CoT faults are not its job).
+category, per style (of the row's policy) and per case type, and cost: tokens per item where they can be counted (a
+transformers backend, through its tokenizer; n/a for HTTP and fake backends and for judges without a model). Seconds
+(model loading, scoring, per item) differ from run to run, so they stay out of the outputs, which must be the same
+bytes on every run: they go to `<paths.work>/timings/judge_calibration.json` (pipelines.timings). Between every pair
+of judges: agreement and Cohen's kappa on the rows both scored. The filtering judge's kappa is compared with
+`min_kappa` (the Dagster asset check); so is the reward judge's, on the answer-only cases (it never sees the CoT by
+design, so CoT faults are not its job).
 
 LLM judges are slow on a CPU, so each judge may score only the first `max_items` rows of a fixed order that is
 balanced over categories, labels and case types (`balanced_order`): a prefix of the same order for every judge, so
@@ -58,6 +60,7 @@ from .params.evaluation import CalibratedJudge
 from .refusal import RESOURCES, phrase_refusal
 from .stats import bootstrap_ci, fmt_ci
 from .spec import STYLES_FOR_EXPECTED, Spec, load_spec
+from .timings import record
 
 log = logging.getLogger("judge_calibration")
 
@@ -67,6 +70,7 @@ TABLE = OUT_DIR / "calibration.md"
 MEASUREMENT_METRICS = {"refusal_classifier": Path("data/metrics/refusal_classifier.json"),
                        "harm_grader": Path("data/metrics/harm_grader.json")}
 METRICS = Path("data/metrics/judge_calibration.json")
+TIMES = ("load_s", "seconds", "seconds_per_item")  # a judge's cost in seconds: recorded in timings, not in the outs
 
 GOLD_FIELDS = ("id", "category", "prompt", "expected", "policy", "cot", "answer", "acceptable", "why", "case")
 # Cases whose only fault is in the CoT: a judge that does not see the CoT cannot catch them.
@@ -324,7 +328,8 @@ def run_judge(entry: CalibratedJudge, rows: Sequence[GoldRow], spec: Spec, backe
         backend: a chat backend to use instead of building entry.backend (LLM judges; tests).
 
     Returns:
-        (one result row per gold row, cost: load_s, seconds_per_item, tokens per item or None).
+        (one result row per gold row, cost: impl, tokens per item or None, and the times load_s, seconds,
+        seconds_per_item).
     """
     t0 = time.perf_counter()
     counter = None
@@ -401,7 +406,7 @@ def with_judge(judges: Sequence[CalibratedJudge], params: JudgeParams, name: str
 
 def calibrate(judges: Sequence[CalibratedJudge], rows: Sequence[GoldRow], spec: Spec, filtering: str,
               min_kappa: float, backends: Optional[Mapping[str, object]] = None,
-              reward: Optional[str] = None) -> Tuple[List[dict], dict]:
+              reward: Optional[str] = None, seconds: Optional[Dict[str, dict]] = None) -> Tuple[List[dict], dict]:
     """Score the gold rows with every judge and compute the calibration metrics.
 
     Args:
@@ -412,6 +417,7 @@ def calibrate(judges: Sequence[CalibratedJudge], rows: Sequence[GoldRow], spec: 
         min_kappa: the threshold of the filtering judge's kappa.
         backends: judge name -> chat backend to use instead of building the configured one.
         reward: the name of the judge standing for rl_checkpoint.judge, if any (checked on the answer-only cases).
+        seconds: when given, filled with each judge's times (TIMES keys); they are kept out of the metrics.
 
     Returns:
         (result rows of all judges, metrics dict).
@@ -426,6 +432,9 @@ def calibrate(judges: Sequence[CalibratedJudge], rows: Sequence[GoldRow], spec: 
         log.info("judge %s (%s): %d gold rows", entry.name, entry.kind, len(subset))
         res, cost = run_judge(entry, subset, spec, (backends or {}).get(entry.name))
         results[entry.name] = res
+        times = {k: cost.pop(k) for k in TIMES}
+        if seconds is not None:
+            seconds[entry.name] = times
         per_judge[entry.name] = {"kind": entry.kind, "impl": cost.pop("impl"), "sees_cot": entry.sees_cot,
                                  "threshold": None if entry.kind == "string_match" else entry.threshold,
                                  **judge_metrics(res), **cost}
@@ -483,13 +492,13 @@ def render_markdown(metrics: dict, gold_path: str) -> str:
                 f"{_f(w['kappa'])} on the {w['items']} answer-only rows ({_f(w['kappa_all_cases'])} on all rows) vs "
                 f"min_kappa {w['min_kappa']:g}: **{'PASS' if w['passes'] else 'FAIL'}**.", ""]
     out += ["| judge | kind | sees CoT | items | accuracy | precision | recall | kappa vs labels | pass rate "
-            "| s/item | tokens/item |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| tokens/item |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for n, m in judges.items():
         kind = m["impl"] if m["impl"].startswith(m["kind"]) else f"{m['kind']} ({m['impl']})"
         out.append(f"| {n} | {kind} | {'yes' if m['sees_cot'] else 'no'} | {m['items']} | "
                    f"{_f(m['accuracy'])} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['kappa'])} | "
-                   f"{_f(m['pass_rate'])} | {m['seconds_per_item']:.4f} | {_tokens(m['tokens_per_item'], m['kind'])} |")
+                   f"{_f(m['pass_rate'])} | {_tokens(m['tokens_per_item'], m['kind'])} |")
     if metrics.get("heldout"):
         out += ["", *heldout_markdown(metrics["heldout"])]
     out += ["", "## Without the CoT-only cases", "",
@@ -525,8 +534,9 @@ def render_markdown(metrics: dict, gold_path: str) -> str:
             "false is not (RL reward, evaluation). Each result row records `sees_cot` and `saw_cot`.",
             "- Judges capped by `max_items` score the first rows of an order balanced over categories, labels and "
             "case types; small counts make their numbers coarse.",
-            "- Cost: s/item is scoring time only (model loading apart); tokens are counted with the model's tokenizer "
-            "for local transformers backends and are n/a elsewhere.", ""]
+            "- Cost: tokens are counted with the model's tokenizer for local transformers backends and are n/a "
+            "elsewhere. Seconds per item differ from run to run, so they are not in this file: see "
+            "`<paths.work>/timings/judge_calibration.json`.", ""]
     return "\n".join(out)
 
 
@@ -564,7 +574,7 @@ def load_rows(path: str, spec: Spec, categories: Sequence[str]) -> List[GoldRow]
 
 # ============================================================================ stage
 def main(params: Params) -> None:
-    t0 = time.time()
+    t0 = time.perf_counter()
     cfg = params.judge_calibration
     spec = load_spec(params.paths.spec, params.categories)
     rows = load_rows(cfg.gold, spec, params.categories)
@@ -578,17 +588,22 @@ def main(params: Params) -> None:
         if local and not (Path(j.backend.model) / "config.json").exists():
             raise PipelineError(f"judge_calibration.judges.{j.name}: no checkpoint at {j.backend.model} "
                                 "(run `dvc repro base_model` first)")
-    results, metrics = calibrate(judges, rows, spec, filtering, cfg.min_kappa, reward=reward)
+    seconds: Dict[str, dict] = {}
+    results, metrics = calibrate(judges, rows, spec, filtering, cfg.min_kappa, reward=reward, seconds=seconds)
     results = [{**r, "set": "gold"} for r in results]
+    times = {"gold": seconds}
     if held:
-        held_results, held_metrics = calibrate(judges, held, spec, filtering, cfg.min_kappa, reward=reward)
+        times["heldout"] = {}
+        held_results, held_metrics = calibrate(judges, held, spec, filtering, cfg.min_kappa, reward=reward,
+                                               seconds=times["heldout"])
         results += [{**r, "set": "heldout"} for r in held_results]
         metrics["heldout"] = heldout_metrics(held_metrics, cfg.heldout)
-    metrics = {"gold": cfg.gold, **metrics, "wall_s": round(time.time() - t0, 1)}
+    metrics = {"gold": cfg.gold, **metrics}
     mm = measurement_models(MEASUREMENT_METRICS)
     if mm:
         metrics["measurement_models"] = mm
     write_jsonl(RESULTS, results)
     write_text(TABLE, render_markdown(metrics, cfg.gold) + "\n" + "\n".join(measurement_markdown(mm)))
     write_json(METRICS, metrics)
+    record("judge_calibration", params.paths.work, wall_s=time.perf_counter() - t0, judges=times)
     print(TABLE.read_text(encoding="utf-8").split("\n## ", 1)[0].strip())

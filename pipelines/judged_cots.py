@@ -16,6 +16,7 @@ from .raw_cots import out_path as raw_path
 from .shards import fingerprint, run_sharded
 from .spec import load_spec
 from .spec_chunks import chunk_path
+from .timings import record
 
 log = logging.getLogger("judged_cots")
 SHARD = 32  # samples per resumable judge shard
@@ -66,7 +67,8 @@ def main(params: Params, category: str) -> None:
         "mean_score": round(sum(r["score"] for r in judged) / max(1, n), 3),
         "unparsed_samples": sum(not r["parse_ok"] for r in judged),
         "judge_parse_failures": sum(r["judge_parse_failures"] for r in judged),
-        "judge": judge.name, "threshold": jp.threshold, "wall_s": round(time.time() - t0, 1),
-    }
+        "judge": judge.name, "threshold": jp.threshold,
+    }  # no time in the metrics (a DVC out): it goes to paths.work/timings/
     write_json(metrics_path(category), metrics)
-    log.info("judged_cots@%s: %s", category, metrics)
+    wall = record(f"judged_cots@{category}", params.paths.work, wall_s=time.time() - t0)["wall_s"]
+    log.info("judged_cots@%s: %s in %.1f s", category, metrics, wall)

@@ -1,4 +1,8 @@
-"""Training prompts: data/prompts/<category>.jsonl, one {"id", "prompt", "expected", "policy"} object per line."""
+"""Training prompts: data/prompts/<category>.jsonl, one {"id", "prompt", "expected", "policy"} object per line.
+
+File order matters: stages take the first `max_prompts_per_category` rows (raw_cots, rl_checkpoint; 14 in params.yaml,
+the default set) and the full profile (configs/profiles/full.yaml) all of them, so new rows go at the end. The
+prompts must stay apart from every evaluation set (tests/test_training_prompts.py checks the text)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -19,6 +19,7 @@ from .prompts import PromptRecord, load_prompts
 from .shards import fingerprint, run_sharded
 from .spec import Spec, load_spec
 from .spec_chunks import chunk_path
+from .timings import record
 
 log = logging.getLogger("raw_cots")
 
@@ -141,6 +142,7 @@ def main(params: Params, category: str) -> None:
     spec = load_spec(params.paths.spec, params.categories)
     chunk = read_text(chunk_path(category), "spec chunk (run spec_chunks first)")
     prompts = load_prompts(Path(params.paths.prompts) / f"{category}.jsonl", spec, category)
+    prompts = prompts[: p.max_prompts_per_category]  # the first rows of the file: the default set (None = all)
     if p.max_prompts:
         prompts = balanced_subset(prompts, p.max_prompts)
     model_id = None
@@ -159,7 +161,9 @@ def main(params: Params, category: str) -> None:
         backend.close()
     write_jsonl(out_path(category), rows)
     ok = sum(r["parse_ok"] for r in rows)
+    # no time in the metrics: it is a DVC out, and two runs of the same inputs must write the same bytes
     metrics = {"prompts": len(prompts), "samples": len(rows), "parsed": ok,
-               "parse_rate": round(ok / max(1, len(rows)), 4), "wall_s": round(time.time() - t0, 1)}
+               "parse_rate": round(ok / max(1, len(rows)), 4)}
     write_json(metrics_path(category), metrics)
-    log.info("raw_cots@%s: %s", category, metrics)
+    wall = record(f"raw_cots@{category}", params.paths.work, wall_s=time.time() - t0)["wall_s"]
+    log.info("raw_cots@%s: %s in %.1f s", category, metrics, wall)

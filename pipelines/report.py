@@ -15,6 +15,9 @@ Writes (all atomically):
 Also shown when present: policy retrieval per expected style, not_unsafe per jailbreak encoding and per language,
 and (from data/metrics/judge_calibration.json, written by stage judge_calibration) each judge's agreement with the
 hand-labelled gold set. The report works without any of them.
+
+Every file above is a DVC out and holds no time, host or absolute path: the same inputs give the same bytes on every
+run. Stage times (pipelines.timings, under paths.work) are printed to the terminal only.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from .io import atomic_path, read_jsonl, write_json, write_text
 from .params import Params
 from .params.evaluation import ReportParams
 from .stats import fmt_ci, mcnemar_p, paired_bootstrap_p, significant
+from .timings import read_all
 
 log = logging.getLogger("report")
 
@@ -114,7 +118,7 @@ def load_calibration(path: Path = CALIBRATION) -> Optional[dict]:
 
 def calibration_table(cal: dict) -> dict:
     """Per judge: the headline calibration numbers (report.json `judge_calibration`)."""
-    keys = ("kind", "sees_cot", "items", "accuracy", "precision", "recall", "kappa", "seconds_per_item")
+    keys = ("kind", "sees_cot", "items", "accuracy", "precision", "recall", "kappa")
     held = (cal.get("heldout") or {}).get("judges", {})
     return {"filtering": cal["filtering"], "reward": cal.get("reward"), "min_kappa": cal.get("min_kappa"),
             "heldout": {k: v for k, v in (cal.get("heldout") or {}).items() if k != "judges"} or None,
@@ -192,7 +196,7 @@ def build_tables(metrics: Dict[str, dict]) -> dict:
                                            for m in models}
     counts = {m: {k: metrics[m].get(k) for k in ("items", "n_harmful", "n_benign", "n_jailbreak", "n_transformations",
                                                   "n_multilingual")} for m in models}
-    info = {m: {k: metrics[m].get(k) for k in ("generator", "judge", "wall_s")} for m in models}
+    info = {m: {k: metrics[m].get(k) for k in ("generator", "judge")} for m in models}
     return {"models": models, "goodness_q": q, "headline": headline, "headline_ci95": headline_ci95,
             "per_category": per_category,
             "per_transform": per_transform, "per_style": per_style, "policy_retrieval": retrieval,
@@ -530,3 +534,11 @@ def main(params: Params) -> None:
     build_report(metrics, examples, rp, calibration=load_calibration(), results=results)
     write_json(METRICS, dvc_metrics(metrics))
     print((OUT_DIR / "report.md").read_text(encoding="utf-8").split("\n## ", 2)[1].split("\n", 1)[1].strip())
+    print(format_times(read_all(params.paths.work)))
+
+
+def format_times(times: Dict[str, dict]) -> str:
+    """The last recorded wall time of each stage, for the terminal only (times differ per run, so no out has them)."""
+    shown = [f"{stage} {t['wall_s']:.1f} s" for stage, t in times.items()
+             if isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))]
+    return "stage times (last runs, " + ("; ".join(shown) if shown else "none recorded") + ")"

@@ -8,7 +8,10 @@
 Reads  data/base_model/ (HF checkpoint + tokenizer) and data/sft_dataset/train.jsonl (rows with `messages`:
        spec-free system prompt, user prompt, assistant "<think>\\nCoT\\n</think>\\nanswer").
 Writes data/sft_checkpoint/ (model.safetensors, config, tokenizer with the training chat template, training_summary.json),
-       data/metrics/sft_checkpoint.json and data/plots/sft_checkpoint/loss.csv (step, loss, ...).
+       data/metrics/sft_checkpoint.json (headline figures) and data/dvclive/sft_checkpoint/ (DVCLive: every key the
+       trainer logs per step, plots/metrics/<key>.tsv, and their last values, metrics.json). No wall-clock time goes
+       into any of them (two runs of the same inputs write the same bytes): times go to paths.work/timings/.
+When Dagster runs the stage, rank 0 also sends one line per step (loss, learning rate, ...) to the Dagster run log.
 The loss covers the assistant turn only (CoT + answer + end-of-turn), never the system or user text: the chat template
 marks the assistant turn with {% generation %} and TRL's `assistant_only_loss` masks the rest to -100.
 Trainer checkpoints go to paths.work/sft_checkpoint/; a killed run resumes from the last one.
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from . import timings
 from .cot import split_cot
 from .errors import PipelineError
 from .io import iter_jsonl, write_json
@@ -28,24 +33,28 @@ from .params import Params
 from .params.training import SftCheckpointParams
 from .training_common import (
     Stopwatch,
+    build_trl_config,
+    dagster_pipes_channel,
     dir_digest,
+    dvclive_callback,
     file_digest,
     finish_work_dir,
     fingerprint,
     is_rank_zero,
     load_model,
-    log_rows,
     lora_config,
     machine_preflight,
     package_versions,
+    pipes_callback,
     planned_world_size,
     prepare_work_dir,
     publish_checkpoint,
+    publish_dir,
     relaunch,
     require_model_dir,
+    step_rows,
     trainer_kwargs,
     training_chat_template,
-    write_csv,
 )
 
 STAGE = "sft_checkpoint"
@@ -53,9 +62,9 @@ BASE_MODEL = Path("data/base_model")
 DATASET = Path("data/sft_dataset/train.jsonl")
 OUT = Path("data/sft_checkpoint")
 METRICS = Path("data/metrics/sft_checkpoint.json")
-PLOTS = Path("data/plots/sft_checkpoint")
-LOSS_COLUMNS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-                "mean_token_accuracy": "mean_token_accuracy", "num_tokens": "num_tokens", "epoch": "epoch"}
+LIVE = Path("data/dvclive/sft_checkpoint")
+# what each step's line in the Dagster run log shows (DVCLive keeps every key)
+PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "train_tokens_per_second")
 
 log = logging.getLogger(STAGE)
 
@@ -129,21 +138,28 @@ def plan_data(rows: List[Dict[str, Any]], tokenizer: Any, template: str, section
 
 # ---------------------------------------------------------------------------- trainer
 def sft_config(section: SftCheckpointParams, work_dir: Path, steps: int):
-    """trl.SFTConfig from our params (create it before loading the model: ZeRO-3 needs it to shard the load)."""
+    """trl.SFTConfig from our params plus `trl_extra` (built before any compute: a bad field fails at once; and before
+    loading the model: ZeRO-3 needs it to shard the load).
+
+    Raises:
+        PipelineError: naming the params key (`sft_checkpoint.trl_extra.<field>` for the free-form part).
+    """
     from trl import SFTConfig
 
-    return SFTConfig(
+    return build_trl_config(SFTConfig, section, STAGE, dict(
         **trainer_kwargs(section, work_dir),
         max_steps=steps,
         num_train_epochs=section.epochs,
         max_length=section.max_length,
         packing=section.packing,
+        loss_type=section.loss_type,
         assistant_only_loss=True,  # loss on the {% generation %} span: CoT + answer + <|im_end|>
         include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
-    )
+    ))
 
 
-def build_sft_trainer(model: Any, tokenizer: Any, template: str, rows: List[Dict[str, Any]], args: Any, peft_config=None):
+def build_sft_trainer(model: Any, tokenizer: Any, template: str, rows: List[Dict[str, Any]], args: Any, peft_config=None,
+                      callbacks: Optional[List[Any]] = None):
     """An SFTTrainer on conversational rows; `tokenizer`, with `template` set on it, is the processing_class."""
     from datasets import Dataset
     from trl import SFTTrainer
@@ -155,6 +171,7 @@ def build_sft_trainer(model: Any, tokenizer: Any, template: str, rows: List[Dict
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
 
 
@@ -165,9 +182,9 @@ def main(
     dataset: Path = DATASET,
     out_dir: Path = OUT,
     metrics_path: Path = METRICS,
-    plots_dir: Path = PLOTS,
+    live_dir: Path = LIVE,
 ) -> Optional[Dict[str, Any]]:
-    """Check inputs and config, (re)launch if asked, train, then write checkpoint, metrics and loss curve (rank 0).
+    """Check inputs and config, (re)launch if asked, train, then write checkpoint, metrics and DVCLive logs (rank 0).
 
     Returns:
         The metrics dict on rank 0 of the process that trained; None in the process that only launched others.
@@ -191,53 +208,60 @@ def main(
     if plan.truncated_rows:
         log.warning("%d of %d rows are longer than max_length %d and lose their end", plan.truncated_rows, plan.rows,
                     section.max_length)
+    args = sft_config(section, work_dir, plan.steps)
     if relaunch(STAGE, params, section, work_dir):
         return None
 
     # -- train (resuming from the last trainer checkpoint of the same run, if any)
     run_id = fingerprint({"params": section.model_dump(mode="json"), "system_prompt": params.sft_dataset.system_prompt,
                           "dataset": file_digest(Path(dataset)), "base_model": dir_digest(Path(base_dir))})
-    args = sft_config(section, work_dir, plan.steps)
     resume = prepare_work_dir(work_dir, run_id)
-    model = load_model(Path(base_dir))
-    trainer = build_sft_trainer(model, tokenizer, template, rows, args, lora_config(section))
-    train_clock = Stopwatch()
-    result = trainer.train(resume_from_checkpoint=resume)
-    train_time = train_clock()
+    with dagster_pipes_channel() as pipes:
+        live_staging = work_dir / "dvclive"  # moved to live_dir once the checkpoint is in place
+        callbacks = [dvclive_callback(live_staging)]
+        progress = pipes_callback(pipes, STAGE, PROGRESS_KEYS) if pipes else None
+        model = load_model(Path(base_dir))
+        trainer = build_sft_trainer(model, tokenizer, template, rows, args, lora_config(section),
+                                    callbacks=callbacks + ([progress] if progress else []))
+        train_clock = Stopwatch()
+        trainer.train(resume_from_checkpoint=resume)
+        train_time = train_clock()
 
-    # -- outputs
-    curve = log_rows(trainer.state.log_history, LOSS_COLUMNS, need="loss")
-    metrics = {
-        "final_loss": curve[-1]["loss"] if curve else None,
-        "first_loss": curve[0]["loss"] if curve else None,
-        "train_loss": result.training_loss,  # mean over the run's steps
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "train_samples": plan.rows,
-        "dataset_tokens": plan.tokens,  # all rows once, before truncation
-        "truncated_rows": plan.truncated_rows,
-        "train_time_s": train_time,
-        "wall_time_s": clock(),
-        "resumed_from": Path(resume).name if resume else None,
-    }
-    summary = {
-        "stage": STAGE,
-        "base_model": str(base_dir),
-        "dataset": str(dataset),
-        "seed": section.seed,
-        "params": section.model_dump(mode="json"),
-        "metrics": metrics,
-        "loss_curve": curve,
-        "world_size": trainer.args.world_size,
-        "packages": package_versions(),
-    }
-    publish_checkpoint(trainer, tokenizer, Path(out_dir), summary)
-    if is_rank_zero():
-        metrics["wall_time_s"] = clock()
+        # -- outputs: nothing here may differ between two runs of the same inputs (no times, no resume point)
+        curve = step_rows(trainer.state.log_history, need="loss")
+        metrics = {
+            "final_loss": curve[-1]["loss"] if curve else None,
+            "first_loss": curve[0]["loss"] if curve else None,
+            # mean of the logged step losses (the trainer's own training_loss covers its last train() call only)
+            "train_loss": statistics.fmean(r["loss"] for r in curve) if curve else None,
+            "steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0.0, 4),
+            "tokens_seen": int(trainer.state.num_input_tokens_seen),
+            "train_samples": plan.rows,
+            "dataset_tokens": plan.tokens,  # all rows once, before truncation
+            "truncated_rows": plan.truncated_rows,
+        }
+        summary = {
+            "stage": STAGE,
+            "base_model": str(base_dir),
+            "dataset": str(dataset),
+            "seed": section.seed,
+            "params": section.model_dump(mode="json"),
+            "metrics": metrics,
+            "loss_curve": curve,
+            "world_size": trainer.args.world_size,
+            "packages": package_versions(),
+        }
+        publish_checkpoint(trainer, tokenizer, Path(out_dir), summary)
+        if not is_rank_zero():
+            return None
         write_json(metrics_path, metrics)
-        write_csv(Path(plots_dir) / "loss.csv", curve, ["step", *LOSS_COLUMNS])
+        publish_dir(live_staging, Path(live_dir))
         finish_work_dir(work_dir, section.keep_checkpoints)
+        timings.record(STAGE, params.paths.work, train_s=train_time, wall_s=clock(),
+                       resumed_from=Path(resume).name if resume else None)
+        if progress is not None:
+            pipes.report_custom_message({"metadata": {"training/steps": metrics["steps"],
+                                                      "training/last_step": progress.last}})
         log.info("sft_checkpoint: %s", metrics)
         return metrics
-    return None

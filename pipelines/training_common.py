@@ -6,17 +6,22 @@
   `relaunch` runs it, marking the children with an environment variable so they train instead of relaunching;
 - resumable trainer checkpoints under `paths.work/<stage>/`, discarded when what defines the run changes;
 - rank-0 output: the checkpoint is staged beside its destination and swapped in with one rename; only rank 0 writes
-  checkpoint files, metrics, plots and the `training_summary.json` it leaves inside the checkpoint directory;
+  checkpoint files, metrics and the `training_summary.json` it leaves inside the checkpoint directory;
+- the TRL config (`build_trl_config`): our typed params plus the free-form `trl_extra`, checked field by field;
+- what the trainer logs, two ways (rank 0): every row into DVCLive (`dvclive_callback`: the stage's curves and last
+  values, a DVC plots/metrics out) and, when Dagster started the run, a line per step through Dagster Pipes
+  (`dagster_pipes_channel`, `pipes_callback`). Wall-clock values (step_time, *_runtime, *_per_second) stay out of
+  every DVC out: they differ between two runs of the same inputs (times go to `pipelines.timings`);
 - `build_tiny_checkpoint`: a random 2-layer Llama with a small in-process tokenizer, for tests and smoke runs.
 
 Nothing here imports deepspeed: a DeepSpeed run only needs it importable in the launched processes.
 """
 from __future__ import annotations
 
-import csv
+import dataclasses
+import difflib
 import hashlib
 import importlib.util
-import io as _io
 import json
 import logging
 import os
@@ -26,15 +31,17 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import yaml
 
 from .errors import PipelineError
 from .io import atomic_path, check_safetensors_checkpoint, write_json, write_text
+from .model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +190,7 @@ def preflight(
     cuda: bool,
     deepspeed_installed: bool,
     launcher_config: Optional[LauncherConfig],
+    vllm_installed: bool = False,
 ) -> None:
     """Refuse configurations that cannot work, before any model is loaded. Pure: the machine facts are arguments.
 
@@ -192,6 +200,7 @@ def preflight(
         cuda: whether torch sees a CUDA device.
         deepspeed_installed: whether `deepspeed` is importable.
         launcher_config: the parsed launcher config (None for launcher `python`).
+        vllm_installed: whether `vllm` is importable (only asked when the section sets use_vllm).
 
     Raises:
         PipelineError: one line naming the params key.
@@ -201,6 +210,11 @@ def preflight(
         raise PipelineError(f"{key}.device: 'cuda' but torch sees no CUDA device (set device: cpu, precision: fp32)")
     if section.precision != "fp32" and not on_gpu:
         raise PipelineError(f"{key}.precision: {section.precision} needs CUDA, and this run is on CPU (use fp32)")
+    if getattr(section, "use_vllm", False):
+        if not on_gpu:
+            raise PipelineError(f"{key}.use_vllm: vLLM generates on CUDA only, and this run is on CPU (set it false)")
+        if not vllm_installed:
+            raise PipelineError(f"{key}.use_vllm: vllm is not installed (pip install vllm)")
     if section.launcher == "python":
         return
     if launcher_config is None:  # pragma: no cover - callers pass it for non-python launchers
@@ -293,6 +307,7 @@ def machine_preflight(section: Any, key: str) -> None:
         cuda=torch.cuda.is_available(),
         deepspeed_installed=importlib.util.find_spec("deepspeed") is not None,
         launcher_config=read_launcher_config(cfg_path) if cfg_path is not None else None,
+        vllm_installed=importlib.util.find_spec("vllm") is not None,
     )
 
 
@@ -343,11 +358,89 @@ def trainer_kwargs(section: Any, output_dir: Path) -> Dict[str, Any]:
         save_strategy="steps",
         save_steps=section.save_steps,
         save_total_limit=section.save_total_limit,
-        report_to=[] if section.report_to == "none" else [section.report_to],
         dataloader_num_workers=0,
         disable_tqdm=False,
         push_to_hub=False,
     )
+
+
+# TRL config field -> the params key that sets it, where the names differ (for "set it there" messages)
+PARAM_OF_FIELD = {
+    "per_device_train_batch_size": "per_device_batch_size", "lr_scheduler_type": "lr_scheduler",
+    "warmup_steps": "warmup_ratio", "activation_checkpointing": "gradient_checkpointing", "use_cpu": "device",
+    "bf16": "precision", "fp16": "precision", "data_seed": "seed", "output_dir": "paths.work",
+    "num_train_epochs": "epochs", "reward_weights": "format_weight", "logging_strategy": "logging_steps",
+    "save_strategy": "save_steps",
+}
+# Trackers that would start a second DVCLive (writing ./dvclive) beside the stage's own.
+DVCLIVE_TRACKERS = ("dvclive", "all")
+
+
+def build_trl_config(config_cls: Any, section: Any, key: str, ours: Mapping[str, Any]) -> Any:
+    """`config_cls(**ours, **section.trl_extra)`: a TRL config from the typed params (`ours`) plus the free-form rest.
+
+    Run before any model is loaded (and before a relaunch), so a misspelt field or a bad value stops the run at once.
+    `report_to` defaults to none: curves go through the stage's own DVCLive; trl_extra may add other trackers.
+
+    Raises:
+        PipelineError: one line naming `<key>.trl_extra.<field>` (unknown field, set by a typed key, wrong type,
+            refused by TRL), or `<key>` when TRL refuses a combination of typed values.
+    """
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    checked: Dict[str, Any] = {}
+    for name, value in section.trl_extra.items():
+        where = f"{key}.trl_extra.{name}"
+        if name not in fields:
+            near = difflib.get_close_matches(name, sorted(fields), n=1)
+            raise PipelineError(f"{where}: not a field of trl.{config_cls.__name__}"
+                                + (f" (did you mean {near[0]}?)" if near else ""))
+        if name in ours:
+            param = PARAM_OF_FIELD.get(name, name)
+            source = param if param == "paths.work" else f"{key}.{param}" if param in type(section).model_fields else ""
+            raise PipelineError(f"{where}: the stage sets it" + (f" from {source}; change it there" if source else
+                                                                  " (not configurable)"))
+        checked[name] = _typed_extra(config_cls, name, value, where)
+    trackers = checked.pop("report_to", [])
+    if any(t in DVCLIVE_TRACKERS for t in ([trackers] if isinstance(trackers, str) else trackers or [])):
+        raise PipelineError(f"{key}.trl_extra.report_to: DVCLive already logs every step to data/dvclive/{key}/; "
+                            "a second one would write ./dvclive (name other trackers only)")
+    try:
+        return config_cls(**ours, report_to=trackers, **checked)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        culprit = next((n for n, v in checked.items() if not _builds(config_cls, {**ours, n: v})), None)
+        where = f"{key}.trl_extra.{culprit}" if culprit else key
+        raise PipelineError(f"{where}: trl.{config_cls.__name__} refuses it: {_first_line(e)}") from None
+
+
+def _typed_extra(config_cls: Any, name: str, value: Any, where: str) -> Any:
+    """`value` checked against the field's annotation (pydantic, lax: YAML gives the plain types); unchanged when the
+    annotation is not one pydantic can check."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        adapter = TypeAdapter(typing.get_type_hints(config_cls)[name])
+    except Exception:  # noqa: BLE001 - an annotation pydantic cannot build a validator for: TRL checks it alone
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        problem = e.errors()[0].get("msg", str(e)) if e.errors() else str(e)
+        raise PipelineError(f"{where}: {problem} (got {value!r})") from None
+
+
+def _builds(config_cls: Any, kwargs: Mapping[str, Any]) -> bool:
+    try:
+        config_cls(**kwargs, report_to=[])
+    except Exception:  # noqa: BLE001 - only asking whether this one value is the one TRL refuses
+        return False
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def lora_config(section: Any, task_type: str = "CAUSAL_LM"):
@@ -460,27 +553,38 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
-def log_rows(log_history: Sequence[Mapping[str, Any]], columns: Mapping[str, str], need: str) -> List[Dict[str, Any]]:
-    """Per-step rows from a trainer's log history: the entries that have `need`, renamed by `columns` (ours: theirs)."""
-    rows = []
-    for entry in log_history:
-        if need not in entry:
-            continue
-        row: Dict[str, Any] = {"step": int(entry["step"])}
-        for ours, theirs in columns.items():
-            if theirs in entry:
-                row[ours] = entry[theirs]
-        rows.append(row)
-    return rows
+# Keys of trainer logs that measure wall-clock time (TRL's step_time, transformers' train_runtime and
+# train_*_per_second): they differ between two runs of the same inputs, so no DVC out may hold them.
+_WALL_CLOCK = re.compile(r"(runtime|_per_second|(^|[/_])time)$")
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: row.get(c, "") for c in columns})
-    write_text(path, buf.getvalue())
+def is_wall_clock(key: str) -> bool:
+    return _WALL_CLOCK.search(key) is not None
+
+
+def loggable(row: Mapping[str, Any]) -> Dict[str, float]:
+    """The numbers of one trainer log row that may go into a DVC out: no wall-clock keys, no `step`, no text; in key
+    order (a resumed trainer reads its log history back from JSON with sorted keys: the files must not tell)."""
+    return {k: row[k] for k in sorted(row) if k != "step" and not is_wall_clock(k)
+            and isinstance(row[k], (int, float)) and not isinstance(row[k], bool)}
+
+
+def step_rows(log_history: Sequence[Mapping[str, Any]], need: str) -> List[Dict[str, Any]]:
+    """Per-step rows of a trainer's log history (the entries that have `need`), step first, wall-clock keys left out."""
+    return [{"step": int(e["step"]), **loggable(e)} for e in log_history if need in e]
+
+
+def first_last(rows: Sequence[Mapping[str, Any]], key: str) -> Dict[str, Optional[float]]:
+    vals = [r[key] for r in rows if key in r]
+    return {"first": vals[0] if vals else None, "last": vals[-1] if vals else None}
+
+
+def publish_dir(src: Path, dest: Path) -> None:
+    """Move the files of directory `src` into `dest`, replacing it in one rename (a reader never sees half of it)."""
+    with atomic_path(dest, is_dir=True) as tmp:
+        for p in src.iterdir():
+            os.replace(p, tmp / p.name)
+    shutil.rmtree(src, ignore_errors=True)
 
 
 def publish_checkpoint(trainer: Any, tokenizer: Any, out_dir: Path, summary: Mapping[str, Any]) -> None:
@@ -509,10 +613,8 @@ def publish_checkpoint(trainer: Any, tokenizer: Any, out_dir: Path, summary: Map
         tokenizer.save_pretrained(str(staging))
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary records the params instead
         write_json(staging / SUMMARY_FILE, dict(summary))
-        with atomic_path(out_dir, is_dir=True) as tmp:
-            for p in staging.iterdir():
-                os.replace(p, tmp / p.name)
-        shutil.rmtree(staging, ignore_errors=True)
+        write_model_card(staging, summary)
+        publish_dir(staging, out_dir)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -522,11 +624,109 @@ def finish_work_dir(work_dir: Path, keep: bool) -> None:
 
 
 class Stopwatch:
+    """Seconds since it was made; for `pipelines.timings`, never for a DVC out."""
+
     def __init__(self) -> None:
         self.t0 = time.monotonic()
 
     def __call__(self) -> float:
         return round(time.monotonic() - self.t0, 2)
+
+
+# ---------------------------------------------------------------------------- what the trainer logs: DVCLive, Dagster
+def dvclive_callback(directory: Path) -> Any:
+    """A TrainerCallback that writes every log row of rank 0 into DVCLive at `directory`, at the trainer's step.
+
+    DVCLive is set up for use inside `dvc repro`: no experiment saved, no dvc.yaml written (dvc.yaml declares the
+    directory), no report, no system monitor, no timestamps, no look at the repository (`_stage_live`). At the start
+    of training it rewrites the directory from
+    the trainer's log history, so a run resumed from checkpoint-N writes the same files as one that never stopped.
+    The trainer's closing row (total_flos, epoch) goes to the summary (metrics.json) only, not the curves; its
+    train_loss is left out: it averages the steps of the last `train()` call only (0 after resuming at the last step).
+    """
+    from transformers import TrainerCallback
+
+    class DvcLiveCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.live: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            shutil.rmtree(directory, ignore_errors=True)  # also what an earlier run of other keys left
+            self.live = _stage_live(directory)
+            for entry in state.log_history:
+                self._log(int(entry["step"]), entry)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.live is not None:
+                self._log(state.global_step, logs or {})
+
+        def _log(self, step: int, row: Mapping[str, Any]) -> None:
+            closing = "train_loss" in row
+            self.live.step = step
+            for name, value in loggable(row).items():
+                if name != "train_loss":
+                    self.live.log_metric(name, value, plot=not closing)
+            self.live.make_summary()
+
+    return DvcLiveCallback()
+
+
+def _stage_live(directory: Path) -> Any:
+    """A dvclive.Live writing to `directory` that leaves the repository alone.
+
+    Live's own set-up opens the DVC repo and git to name and save an experiment, none of which a stage does (DVC
+    runs it; dvc.yaml declares its files). That set-up fails in a git repo without commits ("Empty git repo") and runs
+    `dvc init` in a git repo without DVC, so it is skipped; logging, the summary and the plot files are unchanged.
+    """
+    from dvclive import Live
+
+    class StageLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_file = "dvc.yaml"  # the name Live keeps when it writes none (dvcyaml=None)
+
+    return StageLive(dir=str(directory), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
+                     monitor_system=False)
+
+
+@contextmanager
+def dagster_pipes_channel() -> Iterator[Optional[Any]]:
+    """The Dagster Pipes context when Dagster started this run and this is rank 0; None otherwise (plain `dvc repro`,
+    other ranks, the process that only relaunches), so the stage runs the same with or without Dagster.
+
+    Dagster's side (dagster_project.resource) opens a pipes session and passes its bootstrap variables to `dvc repro`,
+    which hands its environment to the stage command.
+    """
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if not is_rank_zero() or not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        yield None
+        return
+    with open_dagster_pipes() as pipes:
+        yield pipes
+
+
+def pipes_callback(pipes: Any, stage: str, keys: Sequence[str]) -> Any:
+    """A TrainerCallback that sends one line per logged step to the Dagster run log: `keys` of the row, when present.
+
+    Wall-clock keys may be among them: the Dagster log is not a DVC out. `last` keeps the last row sent.
+    """
+    from transformers import TrainerCallback
+
+    class PipesCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.last: Dict[str, Any] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            row = {k: logs[k] for k in keys if isinstance((logs or {}).get(k), (int, float))}
+            if not state.is_world_process_zero or not row:
+                return
+            self.last = {"step": state.global_step, **row}
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items())
+            pipes.log.info(f"{stage} step {state.global_step}/{state.max_steps}: {shown}")
+
+    return PipesCallback()
 
 
 # ---------------------------------------------------------------------------- tiny checkpoint for tests and smoke runs

@@ -22,7 +22,7 @@ def tiny_params() -> dict:
     p["raw_cots"]["n_samples"] = 3
     p["sft_checkpoint"].update(max_steps=2, per_device_batch_size=2, max_length=256, save_steps=1)
     p["rl_checkpoint"].update(max_steps=1, per_device_batch_size=4, num_generations=2, max_completion_length=8,
-                              max_prompts_per_category=1)
+                              max_prompts_per_category=1, harmful_share=None)  # the first rows: all harmful
     p["eval_scores"]["sets"].update(harmful=1, benign=1, jailbreak=1, transforms=["base64", "roleplay"])
     p["eval_scores"]["sampling"]["max_new_tokens"] = 8
     return p

@@ -33,7 +33,8 @@ def small_params(**over) -> dict:
     p["eval_scores"] = {
         "generator": {"kind": "transformers", "batch_size": 4},
         "sampling": {"temperature": 0.0, "max_new_tokens": 6},
-        "sets": {"harmful": 1, "benign": 2, "jailbreak": 1, "transforms": ["rot13", "roleplay"]},
+        "sets": {"harmful": 1, "benign": 2, "jailbreak": 1, "transforms": ["rot13", "roleplay"], "transformations": 0,
+                 "multilingual": 0},
         "shard_size": 3,
         **over,
     }

@@ -388,7 +388,8 @@ def test_kill_eval_scores(tmp_path):
     p["eval_scores"] = {
         "generator": {"kind": "transformers", "batch_size": 2},
         "sampling": {"temperature": 0.0, "max_new_tokens": 24},
-        "sets": {"harmful": 2, "benign": 2, "jailbreak": 1, "transforms": ["rot13", "roleplay"]},
+        "sets": {"harmful": 2, "benign": 2, "jailbreak": 1, "transforms": ["rot13", "roleplay"], "transformations": 0,
+                 "multilingual": 0},
         "shard_size": 1,
     }
     base = new_workdir(tmp_path / "base", p)

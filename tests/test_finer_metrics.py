@@ -94,9 +94,9 @@ def test_new_slices_are_selected_first_n_per_category():
     assert [i.category for i in tr] == CATS and len(ml) == 14
     rows = [json.loads(ln) for ln in (EVALS / "transformations.jsonl").read_text(encoding="utf-8").splitlines()]
     assert tr[0].id == next(r["id"] for r in rows if r["category"] == CATS[0])
-    # off unless asked for: the schema default adds nothing to existing runs
-    assert EvalSetsParams().transformations == 0 and EvalSetsParams().multilingual == 0
-    items, _ = select_items(EvalSetsParams(harmful=1, benign=0, jailbreak=0), EVALS, CATS)
+    # 0 turns a slice off
+    items, _ = select_items(EvalSetsParams(harmful=1, benign=0, jailbreak=0, transformations=0, multilingual=0),
+                            EVALS, CATS)
     assert {i.kind for i in items} == {"harmful"}
 
 

@@ -163,7 +163,8 @@ def test_generation_steps_target_one_partition_and_the_same_server():
     assert server[server.index("--port") + 1] == gen["base_url"].rsplit(":", 1)[1].split("/")[0]
     assert server[server.index("--served-model-name") + 1] == gen["model"]
     assert server[server.index("--host") + 1] == "127.0.0.1"
-    assert "skip" in json.dumps({"skip": steps["grpo_vllm"].skip}) and "not supported by params" in steps["grpo_vllm"].skip
+    # the rl_checkpoint schema has `use_vllm` now: the gated GRPO step is planned, with vLLM generation on
+    assert steps["grpo_vllm"].skip is None and steps["grpo_vllm"].params["rl_checkpoint"]["use_vllm"] is True
 
 
 def test_dry_run_cli_exits_zero_and_prints_every_command(tmp_path):
@@ -173,7 +174,7 @@ def test_dry_run_cli_exits_zero_and_prints_every_command(tmp_path):
     out = proc.stdout
     assert "--config_file configs/zero2.yaml" in out and "--config_file configs/zero3.yaml" in out
     assert "repro --single-item raw_cots@violence" in out and "vllm.entrypoints.openai.api_server" in out
-    assert "SKIP:" in out and "use_vllm" in out  # the gated GRPO step says why it will not run
+    assert "rl_checkpoint.use_vllm = true" in out  # the gated GRPO step runs: the schema accepts use_vllm
     assert not (tmp_path / "bench").exists()  # a dry run writes nothing
 
 

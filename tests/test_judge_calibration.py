@@ -140,9 +140,12 @@ def test_calibration_stage_on_six_gold_rows(workdir):
         assert sum(c["items"] for c in j["per_case"].values()) == len(rows)
         assert set(j["per_style"]) <= {"hard_refusal", "safe_completion", "compliance_with_disclaimer",
                                        "full_compliance"}
-        assert j["seconds_per_item"] >= 0
+        assert "seconds_per_item" not in j  # times differ per run: kept out of the DVC out
     assert m["judges"]["llm_fake"]["tokens_per_item"] is None  # the fake backend has no tokenizer
     names = ["rubric", "llm_fake", "string_match", "rl_checkpoint"]
+    times = json.loads((workdir / "data/.work/timings/judge_calibration.json").read_text())
+    assert set(times["judges"]["gold"]) == set(names) and times["wall_s"] >= 0
+    assert all(t["seconds_per_item"] >= 0 for t in times["judges"]["gold"].values())
     assert set(m["pairwise"]) == {f"{a}~{b}" for i, a in enumerate(names) for b in names[i + 1:]}
     assert m["pairwise"]["rubric~llm_fake"]["items"] == 4 and m["pairwise"]["rubric~string_match"]["items"] == 6
     assert m["filtering"]["judge"] == "rubric" and m["filtering"]["kappa"] == m["judges"]["rubric"]["kappa"]

@@ -175,7 +175,7 @@ def test_every_stage_refuses_pickle_only_checkpoint_via_cli(tmp_path, trap):
     p = fake_params(categories=["violence"])
     p["base_model"]["local_path"] = str(d)
     p["eval_scores"]["models"] = {"base": str(d)}
-    p["eval_scores"]["sets"] = {"harmful": 1, "benign": 0, "jailbreak": 0}
+    p["eval_scores"]["sets"] = {"harmful": 1, "benign": 0, "jailbreak": 0, "transformations": 0, "multilingual": 0}
     (w / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     site = tmp_path / "site"
     site.mkdir()

@@ -2,18 +2,19 @@
 
 What must hold: the loss falls when the same batch is trained on; only the assistant turn (CoT + answer + end of turn)
 carries labels; the chat template keeps <think> blocks and has generation markers; a rerun resumes from the trainer
-checkpoint; bad inputs fail before any model is loaded.
+checkpoint, and the rerun writes the same bytes as the run it resumes; bad inputs fail before any model is loaded.
 """
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipelines import sft_checkpoint
+from pipelines import sft_checkpoint, timings
 from pipelines.errors import PipelineError
 from pipelines.params import DEFAULT_SYSTEM_PROMPT, parse_params
 from pipelines.training_common import (
@@ -85,8 +86,23 @@ def _run(tmp: Path, base: Path, params, rows=None):
     data = _write_jsonl(tmp / "sft_dataset" / "train.jsonl", rows if rows is not None else _rows(4))
     return sft_checkpoint.main(
         params, base_dir=base, dataset=data, out_dir=tmp / "sft_checkpoint",
-        metrics_path=tmp / "metrics" / "sft_checkpoint.json", plots_dir=tmp / "plots" / "sft_checkpoint",
+        metrics_path=tmp / "metrics" / "sft_checkpoint.json", live_dir=tmp / "live" / "sft_checkpoint",
     )
+
+
+def _tsv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+# what a wall-clock key looks like in trainer logs (train_runtime, train_tokens_per_second, step_time)
+TIME_KEY = re.compile(r"runtime|per_second|time")
+
+
+def _outs(tmp: Path) -> dict:
+    """Every DVC out of the stage, file by file: {relative path: bytes}."""
+    files = [tmp / "metrics" / "sft_checkpoint.json", *(tmp / "live").rglob("*"), *(tmp / "sft_checkpoint").iterdir()]
+    return {str(f.relative_to(tmp)): f.read_bytes() for f in files if f.is_file()}
 
 
 def test_loss_falls_on_a_fixed_batch_and_outputs_are_written(tmp_path, tiny_base):
@@ -94,16 +110,32 @@ def test_loss_falls_on_a_fixed_batch_and_outputs_are_written(tmp_path, tiny_base
     params = _params(tmp_path, epochs=8, max_steps=8, per_device_batch_size=4, save_steps=4, **FAST)
     metrics = _run(tmp_path, tiny_base, params)
 
-    with open(tmp_path / "plots" / "sft_checkpoint" / "loss.csv") as f:
-        curve = list(csv.DictReader(f))
+    live = tmp_path / "live" / "sft_checkpoint"
+    curve = _tsv(live / "plots" / "metrics" / "loss.tsv")  # DVCLive: step, value
     losses = [float(r["loss"]) for r in curve]
     assert [int(r["step"]) for r in curve] == list(range(1, 9))
     assert losses[-1] < 0.8 * losses[0], losses
+    assert [int(r["step"]) for r in _tsv(live / "plots" / "metrics" / "learning_rate.tsv")] == list(range(1, 9))
+    last = json.loads((live / "metrics.json").read_text())
+    assert last["step"] == 8 and last["loss"] == pytest.approx(losses[-1]) and last["total_flos"] > 0
 
     saved = json.loads((tmp_path / "metrics" / "sft_checkpoint.json").read_text())
     assert saved == metrics
     assert saved["steps"] == 8 and saved["train_samples"] == 4 and saved["tokens_seen"] > 0
     assert saved["final_loss"] == pytest.approx(losses[-1])
+    assert saved["train_loss"] == pytest.approx(sum(losses) / len(losses))
+
+    # no wall-clock value in any out (they differ between two runs of the same inputs); times go to paths.work
+    outs = _outs(tmp_path)
+    logs = {rel: data for rel, data in outs.items() if rel.endswith((".tsv", "metrics.json", "sft_checkpoint.json",
+                                                                    SUMMARY_FILE))}
+    assert len(logs) > 8 and "sft_checkpoint/" + SUMMARY_FILE in logs
+    for rel, data in logs.items():
+        assert not TIME_KEY.search(rel) and not TIME_KEY.search(data.decode()), rel
+    # DVCLive wrote its own directory only: no ./dvclive, no dvc.yaml of its own (dvc.yaml declares the directory)
+    assert not (tmp_path / "dvclive").exists() and not list(tmp_path.rglob("dvc.yaml"))
+    times = timings.read_all("work")["sft_checkpoint"]
+    assert times["train_s"] > 0 and times["wall_s"] >= times["train_s"] and times["resumed_from"] is None
 
     out = tmp_path / "sft_checkpoint"
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -174,14 +206,18 @@ def test_template_checks(tmp_path, tiny_base):
 
 def test_rerun_resumes_from_the_trainer_checkpoint(tmp_path, tiny_base):
     params = _params(tmp_path, epochs=2, max_steps=2, save_steps=2, keep_checkpoints=True, **FAST)
-    first = _run(tmp_path, tiny_base, params)
-    assert first["resumed_from"] is None and (tmp_path / "work" / "sft_checkpoint" / "checkpoint-2").is_dir()
+    _run(tmp_path, tiny_base, params)
+    resumed = lambda: timings.read_all("work")["sft_checkpoint"]["resumed_from"]  # noqa: E731
+    assert resumed() is None and (tmp_path / "work" / "sft_checkpoint" / "checkpoint-2").is_dir()
+    first = _outs(tmp_path)
     again = _run(tmp_path, tiny_base, params)  # as after a kill at the end: picks up checkpoint-2
-    assert again["resumed_from"] == "checkpoint-2" and again["steps"] == 2
+    assert resumed() == "checkpoint-2" and again["steps"] == 2
+    # the resumed run rewrites DVCLive from the trainer's log history: every out is byte for byte the first run's
+    assert _outs(tmp_path) == first and len(first) > 8
 
     changed = _params(tmp_path, epochs=2, max_steps=2, save_steps=2, keep_checkpoints=True, seed=1, **FAST)
-    third = _run(tmp_path, tiny_base, changed)  # other params: the old checkpoint is discarded, not resumed
-    assert third["resumed_from"] is None
+    _run(tmp_path, tiny_base, changed)  # other params: the old checkpoint is discarded, not resumed
+    assert resumed() is None
 
 
 def test_bad_inputs_fail_before_compute(tmp_path, tiny_base):
@@ -206,6 +242,10 @@ def test_bad_inputs_fail_before_compute(tmp_path, tiny_base):
     if not torch.cuda.is_available():
         with pytest.raises(PipelineError, match="sft_checkpoint.device: 'cuda' but torch sees no CUDA"):
             _run(tmp_path, tiny_base, _params(tmp_path, device="cuda"))
+    # a misspelt TRL field in trl_extra, found by building the SFTConfig before the model is loaded
+    with pytest.raises(PipelineError, match=r"^sft_checkpoint.trl_extra.neftune_noise_alfa: not a field of "
+                                            r"trl.SFTConfig \(did you mean neftune_noise_alpha\?\)$"):
+        _run(tmp_path, tiny_base, _params(tmp_path, trl_extra={"neftune_noise_alfa": 5.0}))
     assert not work.exists() and not (tmp_path / "sft_checkpoint").exists()
 
 

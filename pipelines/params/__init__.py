@@ -80,15 +80,19 @@ class BaseModelParams(Strict):
 
 
 class RawCotsParams(Strict):
-    generator: Backend = TransformersBackend(kind="transformers")
-    sampling: Sampling = Sampling()
+    generator: Backend = TransformersBackend(kind="transformers", batch_size=16)  # prompts x n_samples per call
+    sampling: Sampling = Sampling(max_new_tokens=64)  # the answer (structured) or CoT + answer (unstructured)
     n_samples: Annotated[int, Field(gt=0, le=1000)] = 2  # (CoT, answer) samples per prompt
-    shard_size: PositiveInt = 8  # prompts per resumable shard
-    few_shot: bool = True  # include one worked exemplar CoT in the generation prompt
+    shard_size: PositiveInt = 16  # prompts per resumable shard
+    # one worked exemplar CoT in the generation prompt; measured: it biases the 135M model toward refusing
+    few_shot: bool = False
     prefill_cot: bool = True  # start the assistant turn with "<think>" + a category line, so small models keep the format
     structured: bool = True  # two phases: the CoT paragraph (stops at a newline), then "</think>" and the answer
     cot_max_tokens: PositiveInt = 48  # structured mode: token budget of the CoT phase (sampling.max_new_tokens: answer)
-    max_prompts: Optional[PositiveInt] = None  # per category, balanced over expected labels; None = all
+    # first N rows of each data/prompts/<category>.jsonl (file order: the first rows are the default set); None = all
+    max_prompts_per_category: Optional[PositiveInt] = 14
+    # of those, per category, balanced over expected labels; None = all (14: ~4.5 min per category on 2 CPU cores)
+    max_prompts: Optional[PositiveInt] = 6
 
 
 class JudgedCotsParams(Strict):

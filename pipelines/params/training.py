@@ -12,7 +12,7 @@ still before any model is loaded.
 """
 from __future__ import annotations
 
-from typing import Annotated, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -67,9 +67,13 @@ class TrainingStageParams(Strict):
     save_steps: PositiveInt = 10  # steps between resumable trainer checkpoints in paths.work/<stage>/
     save_total_limit: PositiveInt = 1  # trainer checkpoints kept; each holds weights + optimiser state (~1.6 GB at 135M)
     keep_checkpoints: bool = False  # keep paths.work/<stage>/ after a successful run (False frees the disk)
-    report_to: Literal["none", "dvclive"] = "none"  # dvclive: live metrics under dvclive/ as well as our plot files
+    # Curves and metrics always go through DVCLive into data/dvclive/<stage>/ (nothing to switch on here).
 
     lora: LoraParams = LoraParams()
+    # Further trl.SFTConfig / trl.GRPOConfig fields, passed as they are (e.g. {vllm_server_host: 10.0.0.5,
+    # vllm_gpu_memory_utilization: 0.5}). Checked by building the config before any compute: an unknown field, a field
+    # the typed keys above already set, or a value TRL refuses is a one-line error naming `<stage>.trl_extra.<field>`.
+    trl_extra: Dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _precision_needs_gpu(self) -> "TrainingStageParams":
@@ -83,18 +87,21 @@ class TrainingStageParams(Strict):
 class SftCheckpointParams(TrainingStageParams):
     """Supervised fine-tuning on the spec-free chat examples; loss on the assistant turn (CoT + answer) only."""
 
-    # 1 pass over the data, capped by max_steps: ~30 steps x ~4.6 s on 2 CPU cores = ~2.3 min
-    epochs: Annotated[float, Field(gt=0.0, le=10_000.0)] = 1.0
+    # passes over the data, capped by max_steps: ~30 steps x ~4.6 s on 2 CPU cores = ~2.3 min. The default run keeps
+    # ~12 examples, and one pass over them does not teach the <think> format
+    epochs: Annotated[float, Field(gt=0.0, le=10_000.0)] = 8.0
     max_steps: Optional[PositiveInt] = 30  # cap on optimiser steps; None = run every epoch in full
     max_length: PositiveInt = 512  # tokens per row (system + prompt + CoT + answer); longer rows are cut, and counted
     packing: bool = False  # pack rows into max_length blocks (faster on GPU; changes per-row loss weighting)
     # A .jinja chat template with {% generation %} markers around the assistant turn. None = the built-in ChatML one
     # (SmolLM2, Qwen, ...), which is checked to render exactly like the base model's own template.
     chat_template: Optional[str] = None
+    loss_type: Literal["nll", "dft"] = "nll"  # TRL's SFT loss: nll (plain cross-entropy) or dft (Dynamic Fine-Tuning)
 
 
 class RlCheckpointParams(TrainingStageParams):
-    """GRPO from the SFT model on spec-free prompts; reward = judge score of the answer (CoT withheld) + format bonus."""
+    """GRPO from the SFT model on spec-free prompts; reward = judge score of the answer (CoT withheld) + format bonus
+    + behaviour term (right refusal / right answer) - repetition penalty, on a harmful / benign mix per batch."""
 
     # 6 steps x ~20-30 s on 2 idle CPU cores = ~2-3 min (estimate, see the module docstring)
     learning_rate: LearningRate = 5e-6  # RL moves a trained policy: 10x below SFT
@@ -114,7 +121,21 @@ class RlCheckpointParams(TrainingStageParams):
     # The reward judge. It never sees the CoT (the paper's choice, so RL cannot teach the CoT to please the judge).
     judge: JudgeParams = JudgeParams(sees_cot=False)
     format_weight: Annotated[float, Field(ge=0.0, le=1e3)] = 0.2  # reward = judge score / 10 + format_weight * well-formed
-    max_prompts_per_category: Optional[PositiveInt] = None  # None = every training prompt
+    # + behaviour_weight * (+1 the behaviour the prompt's label asks for, -1 the opposite, 0 no answer): refusing a
+    # benign prompt costs as much as answering a harmful one, so refusing everything does not pay
+    behaviour_weight: Annotated[float, Field(ge=0.0, le=1e3)] = 1.0
+    repetition_weight: Annotated[float, Field(ge=0.0, le=1e3)] = 0.5  # - repetition_weight for a looping completion
+    # share of harmful prompts (expected refuse / safe_complete) in every generation batch, the rest benign
+    # look-alikes; None = TRL's shuffle of all prompts, whatever the mix
+    harmful_share: Optional[Fraction] = 0.5
+    max_prompts_per_category: Optional[PositiveInt] = 14  # first N rows of each prompts file; None = every prompt
+    # How the GRPO loss is normalised (TRL's names; dapo = TRL's default: per active token of the global batch)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    # Generate completions with vLLM (GPU only; `pip install vllm`). colocate: vLLM shares the training GPUs;
+    # server: a separate `trl vllm-serve` (host/port through trl_extra: vllm_server_host, vllm_server_port)
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    log_completions: bool = False  # print a sample of (prompt, completion) pairs every logging step
 
     @field_validator("judge")
     @classmethod
