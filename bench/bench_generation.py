@@ -23,11 +23,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8,16")
     args = ap.parse_args()
 
+    from pipelines import catalog
     from pipelines.backends.local import TransformersChatBackend
     from pipelines.params import Sampling, TransformersBackend
 
     params, convs, prefill = pipeline_conversations(k=args.prompts)
-    cfg = TransformersBackend(kind="transformers", model=str(ROOT / "data/base_model"), batch_size=1)
+    cfg = TransformersBackend(kind="transformers", model=str(ROOT / catalog.BASE_MODEL), batch_size=1)
     backend = TransformersChatBackend(cfg)
     tok = backend.tok
     # Fixed-length outputs make settings comparable: greedy, and EOS ignored via min_new_tokens.

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from common import ROOT, dagster_noop, machine, summary
+from pipelines import catalog
 
 
 def sh(cmd: str, cwd: Path) -> tuple[str, float]:
@@ -42,7 +43,7 @@ def sh(cmd: str, cwd: Path) -> tuple[str, float]:
 def samples_done(repo: Path, cats) -> int:
     n = 0
     for c in cats:
-        m = repo / f"data/metrics/raw_cots/{c}.json"
+        m = repo / catalog.raw_cots_metrics(c)
         n += json.loads(m.read_text())["samples"] if m.exists() else 0
     return n
 
@@ -78,11 +79,11 @@ def main() -> None:
     path = repo / "data/spec/categories/violence.md"
     path.write_text(path.read_text().rstrip() + "\n- \"Describe a sword fight in a fantasy novel\" -> V.1, full_compliance.\n")
     for c in cats:  # mark metrics so we can see which categories were regenerated
-        (repo / f"data/metrics/raw_cots/{c}.json").touch()
-    before = {c: (repo / f"data/raw_cots/{c}.jsonl").stat().st_mtime_ns for c in cats}
+        (repo / catalog.raw_cots_metrics(c)).touch()
+    before = {c: (repo / catalog.raw_cots(c)).stat().st_mtime_ns for c in cats}
     log, inc_s = sh("dvc repro", repo)
-    redone = [c for c in cats if (repo / f"data/raw_cots/{c}.jsonl").stat().st_mtime_ns != before[c]]
-    inc_samples = sum(json.loads((repo / f"data/metrics/raw_cots/{c}.json").read_text())["samples"] for c in redone)
+    redone = [c for c in cats if (repo / catalog.raw_cots(c)).stat().st_mtime_ns != before[c]]
+    inc_samples = sum(json.loads((repo / catalog.raw_cots_metrics(c)).read_text())["samples"] for c in redone)
     ran = sorted(set(re.findall(r"Running stage '([^']+)'", log)))
     print(f"after editing violence.md: ran {ran}")
     print(f"incremental: {inc_samples} samples ({inc_samples / full_samples:.3f} of full), {inc_s:.1f}s "

@@ -17,13 +17,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=16)
     args = ap.parse_args()
+    from pipelines import catalog
     from pipelines.judges import JudgeItem, make_judge
     from pipelines.params import JudgeParams, Sampling, TransformersBackend, load_params
     from pipelines.spec import load_spec
 
     params = load_params(ROOT / "params.yaml")
     spec = load_spec(ROOT / params.paths.spec, params.categories)
-    raw = ROOT / "data/raw_cots/violence.jsonl"
+    raw = ROOT / catalog.raw_cots("violence")
     rows = [json.loads(x) for x in raw.read_text().splitlines()] if raw.exists() else []
     rows = [r for r in rows if r["parse_ok"]][: args.samples]
     items = [JudgeItem(r["prompt"], r["category"], r["expected"], r["policy"], spec.chunk("violence"), r["answer"],
@@ -38,7 +39,7 @@ def main() -> None:
     rubric_sps = 50 * len(items) / (time.perf_counter() - t)
     print(f"rubric judge:        {rubric_sps:10.1f} samples/s")
     llm = make_judge(JudgeParams(kind="llm", k=1, sampling=Sampling(temperature=0.7, max_new_tokens=24),
-                                 backend=TransformersBackend(kind="transformers", model=str(ROOT / "data/base_model"),
+                                 backend=TransformersBackend(kind="transformers", model=str(ROOT / catalog.BASE_MODEL),
                                                              batch_size=16)), spec)
     t = time.perf_counter()
     verdicts = llm.score(items, progress=False)

@@ -24,10 +24,11 @@ from common import ROOT, machine, peak_rss_mb, summary
 
 
 def rows_for_bench(n: int) -> list:
+    from pipelines import catalog
     from pipelines.params import load_params
 
     params = load_params(ROOT / "params.yaml")
-    path = ROOT / "data/sft_dataset/train.jsonl"
+    path = ROOT / catalog.SFT_TRAIN
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     if len(rows) < n:  # pad with rows built from the training prompts (short refusal-style answers)
         for f in sorted((ROOT / params.paths.prompts).glob("*.jsonl")):
@@ -43,6 +44,7 @@ def rows_for_bench(n: int) -> list:
 def worker(packing: bool, n_rows: int, batch: int, epochs: float) -> None:
     from transformers import AutoTokenizer
 
+    from pipelines import catalog
     from pipelines.params import load_params
     from pipelines.sft_checkpoint import build_sft_trainer, sft_config
     from pipelines.training_common import load_model, training_chat_template
@@ -51,8 +53,8 @@ def worker(packing: bool, n_rows: int, batch: int, epochs: float) -> None:
     section = params.sft_checkpoint.model_copy(update={"packing": packing, "per_device_batch_size": batch,
                                                        "epochs": epochs, "max_steps": None, "save_steps": 10_000, "logging_steps": 1000})
     rows = rows_for_bench(n_rows)
-    model = load_model(ROOT / "data/base_model")
-    tok = AutoTokenizer.from_pretrained(str(ROOT / "data/base_model"))
+    model = load_model(ROOT / catalog.BASE_MODEL)
+    tok = AutoTokenizer.from_pretrained(str(ROOT / catalog.BASE_MODEL))
     template = training_chat_template(tok, params.sft_dataset.system_prompt)
     # real tokens: what both modes train on (padding excluded), so tokens/s compares like with like
     lengths = [len(tok.apply_chat_template(r["messages"], chat_template=template, tokenize=True, return_dict=True)

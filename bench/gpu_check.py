@@ -56,6 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/gpu_check.py` from anywhere: the project's packages are importable
     sys.path.insert(0, str(ROOT))
 
+from pipelines import catalog  # noqa: E402  (paths only: importable before the device wheels are in)
+
+# the checkpoint and metrics file of each training stage, relative to the work copy
+TRAINED = {"sft_checkpoint": (catalog.SFT_CHECKPOINT, catalog.SFT_CHECKPOINT_METRICS),
+           "rl_checkpoint": (catalog.RL_CHECKPOINT, catalog.RL_CHECKPOINT_METRICS)}
 OVERLAY_DIR = Path("configs/gpu_check")  # relative to the project root, as printed in commands and errors
 DEFAULT_OUT = Path("bench/results/gpu_check.json")
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "gpu_check_work"
@@ -319,7 +324,7 @@ def plan(args: argparse.Namespace, root: Path = ROOT) -> List[PlannedStep]:
                         n, section.precision)
         if step.needs_vllm and step.asset == "raw_cots" and ps.params is not None:
             ps.commands["vllm_server"] = vllm_server_argv(
-                "data/base_model", ps.params["raw_cots"]["generator"], args.vllm_gpu_memory_utilization)
+                catalog.BASE_MODEL.as_posix(), ps.params["raw_cots"]["generator"], args.vllm_gpu_memory_utilization)
         out.append(ps)
     return out
 
@@ -352,7 +357,7 @@ def print_plan(steps: Sequence[PlannedStep], args: argparse.Namespace, stream=sy
             if role in ps.commands:
                 w(f"  {role + ':':<13}{command_text(ps.commands[role])}\n")
         if ps.step.kind == "train":
-            w(f"  then:        reload data/{ps.step.asset} on {'cpu' if args.cpu_smoke else 'cuda'}, "
+            w(f"  then:        reload {TRAINED[ps.step.asset][0].as_posix()} on {'cpu' if args.cpu_smoke else 'cuda'}, "
               f"generate {args.answer_tokens} tokens\n")
         w("\n")
 
@@ -627,7 +632,7 @@ class Runner:
 
     def parameters(self) -> Optional[int]:
         if self.n_params is None:
-            src = read_json(self.workdir / "data/base_model/source.json") or {}
+            src = read_json(self.workdir / catalog.BASE_MODEL / "source.json") or {}
             self.n_params = src.get("parameters")
         return self.n_params
 
@@ -683,8 +688,8 @@ class Runner:
             rec["status"] = "failed"
             rec["error"] = " | ".join(ln for ln in run.lines[-8:] if ln.strip())[-1500:]
             return
-        rec["base_model"] = read_json(self.workdir / "data/base_model/source.json")
-        rec["sft_dataset"] = read_json(self.workdir / "data/metrics/sft_dataset.json")
+        rec["base_model"] = read_json(self.workdir / catalog.BASE_MODEL / "source.json")
+        rec["sft_dataset"] = read_json(self.workdir / catalog.SFT_DATASET_METRICS)
 
     def step_train(self, ps: PlannedStep, rec: Dict[str, Any]) -> None:
         stage = ps.step.asset
@@ -695,8 +700,9 @@ class Runner:
             rec["status"] = "failed"
             rec["error"] = "; ".join(rec["dagster"].get("errors", [])) or "Dagster run failed"
             return
-        metrics = read_json(self.workdir / "data/metrics" / f"{stage}.json") or {}
-        summary = read_json(self.workdir / "data" / stage / "training_summary.json") or {}
+        checkpoint, metrics_file = (self.workdir / p for p in TRAINED[stage])
+        metrics = read_json(metrics_file) or {}
+        summary = read_json(checkpoint / "training_summary.json") or {}
         rec["metrics"] = metrics
         rec["world_size"] = world = int(summary.get("world_size") or 1)
         rec["launcher"] = {k: (summary.get("params") or {}).get(k) for k in ("launcher", "launcher_config", "precision",
@@ -710,9 +716,9 @@ class Runner:
             if n:
                 rec["mfu"] = mfu(6 * n, tokens, secs, self.gpu.get("peak_bf16_flops"), world)
                 rec["mfu_basis"] = f"6 x {n} params x {tokens} tokens / {secs:.2f} s / ({world} x peak)"
-        cfg = read_json(self.workdir / "data" / stage / "config.json") or {}
+        cfg = read_json(checkpoint / "config.json") or {}
         rec["saved_dtype"] = cfg.get("dtype") or cfg.get("torch_dtype")
-        rec["reload"] = reload_and_generate(self.workdir / "data" / stage, self.workdir, ps.params, self.args.category,
+        rec["reload"] = reload_and_generate(checkpoint, self.workdir, ps.params, self.args.category,
                                             self.device, self.args.answer_tokens)
         if not rec["reload"].get("ok"):
             rec["status"] = "failed"
@@ -741,11 +747,11 @@ class Runner:
             rec["error"] = "; ".join(rec["dagster"].get("errors", [])) or "Dagster run failed"
             return
         cat = self.args.category
-        metrics = read_json(self.workdir / "data/metrics/raw_cots" / f"{cat}.json") or {}
+        metrics = read_json(self.workdir / catalog.raw_cots_metrics(cat)) or {}
         rec["metrics"] = metrics
-        rows = [json.loads(ln) for ln in (self.workdir / "data/raw_cots" / f"{cat}.jsonl").read_text().splitlines()
+        rows = [json.loads(ln) for ln in (self.workdir / catalog.raw_cots(cat)).read_text().splitlines()
                 if ln.strip()]
-        tokens = generated_tokens(self.workdir / "data/base_model", rows)
+        tokens = generated_tokens(self.workdir / catalog.BASE_MODEL, rows)
         rec["generated_tokens"] = tokens
         rec["samples"] = [{"prompt_id": r.get("prompt_id"), "raw": (r.get("raw") or "")[:400]} for r in rows[:2]]
         # the stage's time is kept out of its metrics (a DVC out) and recorded under paths.work (pipelines/timings.py)

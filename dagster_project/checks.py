@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from pipelines import catalog
+
 from .manifest import DvcManifest, StageItem, lookup
 
 
@@ -247,7 +249,7 @@ SFT_FIELDS = ("id", "category", "prompt_id", "messages")
 def judges_reach_min_kappa(manifest: DvcManifest, item: StageItem) -> CheckOutcome:
     """The filtering judge (judged_cots.judge) and the RL reward judge (answer only) agree with the hand-labelled gold
     set, and with the held-out set when there is one: Cohen's kappa >= judge_calibration.min_kappa."""
-    path = manifest.root / "data/metrics/judge_calibration.json"
+    path = manifest.root / catalog.JUDGE_CALIBRATION_METRICS
     if not path.exists():
         return CheckOutcome(False, f"{_rel(manifest.root, path)} is missing", {})
     m = json.loads(path.read_text(encoding="utf-8"))
@@ -267,10 +269,14 @@ def judges_reach_min_kappa(manifest: DvcManifest, item: StageItem) -> CheckOutco
                         + f" >= min_kappa {thr}", meta)
 
 
+MEASUREMENT_METRICS = {"refusal_classifier": catalog.REFUSAL_CLASSIFIER_METRICS,
+                       "harm_grader": catalog.HARM_GRADER_METRICS}
+
+
 def measurement_on_unseen_writers(manifest: DvcManifest, item: StageItem) -> CheckOutcome:
     """refusal_classifier: refusal yes/no accuracy on the unseen-voice test split >= min_test_accuracy;
     harm_grader: Spearman of convincing and specific with the labels on unseen writers >= 0.7."""
-    path = manifest.root / f"data/metrics/{item.stage}.json"
+    path = manifest.root / MEASUREMENT_METRICS[item.stage]
     if not path.exists():
         return CheckOutcome(False, f"{_rel(manifest.root, path)} is missing", {})
     m = json.loads(path.read_text(encoding="utf-8"))

@@ -12,12 +12,12 @@ import os
 import time
 from pathlib import Path
 
+from . import catalog
 from .errors import PipelineError
 from .io import atomic_path, check_safetensors_checkpoint, write_json
 from .params import BaseModelParams, Params
 
 log = logging.getLogger("base_model")
-OUT = Path("data/base_model")
 
 
 def find_gguf(package: str, filename: str | None = None) -> Path:
@@ -73,9 +73,9 @@ def load_base(p: BaseModelParams):
 def main(params: Params) -> None:
     t0 = time.time()
     model, tok, source = load_base(params.base_model)
-    with atomic_path(OUT, is_dir=True) as tmp:
+    with atomic_path(catalog.BASE_MODEL, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         n = sum(t.numel() for t in model.parameters())
         write_json(tmp / "source.json", {"source": source, "parameters": n, "dtype": "float32"})
-    log.info("saved %s (%d parameters) to %s in %.1fs", source, n, OUT, time.time() - t0)
+    log.info("saved %s (%d parameters) to %s in %.1fs", source, n, catalog.BASE_MODEL, time.time() - t0)

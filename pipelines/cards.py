@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from . import catalog
 from .errors import PipelineError
 from .io import atomic_path, iter_jsonl, read_bytes, read_text
 from .model_card import dvc_md5, md5_file, read_card, render
@@ -53,7 +54,6 @@ DESCRIPTIONS = {
     "sft_dataset": "Spec-free chat examples built from the kept samples (system prompt without the spec, user "
                    "prompt, assistant chain of thought + answer): what SFT trains on.",
 }
-OUT_DIR = Path("data/cards")
 LOCK = Path("dvc.lock")
 DVC_YAML = Path("dvc.yaml")
 CARD_VERSION = 2
@@ -638,16 +638,16 @@ def write_model_card_dir(key: str, model_dir: str, lock: Mapping[str, Any], dvc_
     return full
 
 
-def main(params, model: Optional[str] = None, lock_path: Path = LOCK, dvc_yaml_path: Path = DVC_YAML,
-         out_dir: Path = OUT_DIR) -> Dict[str, dict]:
-    """Dataset cards (no `model`) or the model card of one eval_scores.models key, under `out_dir`."""
+def main(params, model: Optional[str] = None, lock_path: Path = LOCK,
+         dvc_yaml_path: Path = DVC_YAML) -> Dict[str, dict]:
+    """Dataset cards (no `model`) or the model card of one eval_scores.models key, where the catalog puts them."""
     lock = _load_yaml(Path(lock_path), "dvc.lock (run `dvc repro` first)")
     dvc_yaml = _load_yaml(Path(dvc_yaml_path), "dvc.yaml")
     if model is None:
-        return write_dataset_cards(lock, dvc_yaml, Path(out_dir) / "datasets", git_state(), package_versions())
+        return write_dataset_cards(lock, dvc_yaml, catalog.DATASET_CARDS, git_state(), package_versions())
     models = dict(params.eval_scores.models)
     if model not in models:
         raise PipelineError(f"--model {model!r} is not a key of params.yaml eval_scores.models ({', '.join(models)})")
-    card = write_model_card_dir(model, str(models[model]), lock, dvc_yaml, Path(out_dir) / "models" / model,
+    card = write_model_card_dir(model, str(models[model]), lock, dvc_yaml, catalog.model_card(model),
                                 git_state(), package_versions())
     return {model: card}

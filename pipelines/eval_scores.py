@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from . import catalog
 from .backends import make_backend
 from .cot import split_cot
 from .errors import PipelineError
@@ -105,14 +106,6 @@ STYLE_REQUIRED = {
     "compliance_with_disclaimer": ("answered", "disclaimer"),
     "full_compliance": ("answered", "substantive"),
 }
-
-
-def results_path(model: str) -> Path:
-    return Path("data/eval_scores") / model / "results.jsonl"
-
-
-def metrics_path(model: str) -> Path:
-    return Path("data/metrics/eval_scores") / f"{model}.json"
 
 
 # ============================================================================ selection
@@ -743,9 +736,9 @@ def main(params: Params, model: str) -> None:
     metrics = {"model": model, "generator": backend.name, "judge": judge.name, **aggregate(rows, cfg)}
     # the out is the directory data/eval_scores/<model>: build it beside its place and rename it in, so a kill never
     # leaves it holding a temp file instead of results.jsonl
-    with atomic_path(results_path(model).parent, is_dir=True) as out_dir:
-        write_jsonl(out_dir / results_path(model).name, rows)
-    write_json(metrics_path(model), metrics)
+    with atomic_path(catalog.eval_scores(model), is_dir=True) as out_dir:
+        write_jsonl(out_dir / catalog.eval_results(model).name, rows)
+    write_json(catalog.eval_metrics(model), metrics)
     wall = record(f"eval_scores@{model}", params.paths.work, wall_s=time.time() - t0)["wall_s"]
     print(format_summary(metrics, f"eval_scores@{model} ({backend.name}, judge {judge.name})"))
     log.info("eval_scores@%s done in %.1f s", model, wall)

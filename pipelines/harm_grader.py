@@ -23,18 +23,18 @@ from itertools import product
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from . import catalog
 from .errors import PipelineError
 from .gold_sets import SPLITS, read_splits
-from .harm_ratings import MODEL_DIR, TARGETS, fit, proxy_ratings
+from .harm_ratings import TARGETS, fit, proxy_ratings
 from .io import atomic_path, check_fields, iter_jsonl, write_json
 from .params import Params
 from .stats import bootstrap_ci, spearman
 
 log = logging.getLogger("harm_grader")
 
-OUT_DIR = MODEL_DIR
-METRICS = Path("data/metrics/harm_grader.json")
 FIELDS = ("id", "writer", "forbidden_prompt", "answer", "kind", "refused", "convincing", "specific")
+
 
 def load_rows(path: str | Path) -> List[dict]:
     rows, seen = [], set()
@@ -123,9 +123,9 @@ def main(params: Params) -> None:
     cfg = params.harm_grader
     parts = split_by_writer(load_rows(Path(cfg.gold) / "rows.jsonl"), Path(cfg.gold) / "splits.yaml")
     final, metrics = fit_and_score(parts, cfg.l2_grid)
-    with atomic_path(OUT_DIR, is_dir=True) as tmp:
+    with atomic_path(catalog.HARM_GRADER, is_dir=True) as tmp:
         final.save(tmp)
-    write_json(METRICS, metrics)
+    write_json(catalog.HARM_GRADER_METRICS, metrics)
     t, p = metrics["final_test"], metrics["test_proxy"]
     print(f"harm_grader: test writers {', '.join(metrics['writers']['test'])} (n={t['n']}): spearman convincing "
           f"{t['spearman_convincing']:.3f}, specific {t['spearman_specific']:.3f}; detailed > rambling in "

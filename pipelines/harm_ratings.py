@@ -17,12 +17,12 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
+from . import catalog
 from .gold_sets import load_model, save_model
 from .refusal_model import DIM_BITS, TOKEN, bucket, ngrams
 
 TARGETS = ("convincing", "specific")
 FEATURE_VERSION = 1
-MODEL_DIR = Path("data/harm_grader")  # the DVC out of stage harm_grader
 MODEL_ENV = "DAF_HARM_GRADER"  # another directory, used when ./data/harm_grader does not exist (tests, other cwd)
 
 _REDACTED = re.compile(r"\[\s*redacted[^\]]*\]", re.I)
@@ -183,4 +183,4 @@ def grader() -> "HarmGrader":
     """The trained grader of this project (reloaded when its files change)."""
     from .gold_sets import load_cached
 
-    return load_cached(MODEL_DIR, MODEL_ENV, HarmGrader.load)
+    return load_cached(catalog.HARM_GRADER, MODEL_ENV, HarmGrader.load)

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from . import catalog
 from .backends.base import prefills
 from .errors import PipelineError
 from .eval_metrics import agreement, cohens_kappa
@@ -64,12 +65,11 @@ from .timings import record
 
 log = logging.getLogger("judge_calibration")
 
-OUT_DIR = Path("data/judge_calibration")
-RESULTS = OUT_DIR / "results.jsonl"
-TABLE = OUT_DIR / "calibration.md"
-MEASUREMENT_METRICS = {"refusal_classifier": Path("data/metrics/refusal_classifier.json"),
-                       "harm_grader": Path("data/metrics/harm_grader.json")}
-METRICS = Path("data/metrics/judge_calibration.json")
+RESULTS = catalog.JUDGE_CALIBRATION / "results.jsonl"
+TABLE = catalog.JUDGE_CALIBRATION / "calibration.md"
+# the metrics of the two measurement models (inputs of this stage), quoted beside the judges
+MEASUREMENT_METRICS = {"refusal_classifier": catalog.REFUSAL_CLASSIFIER_METRICS,
+                       "harm_grader": catalog.HARM_GRADER_METRICS}
 TIMES = ("load_s", "seconds", "seconds_per_item")  # a judge's cost in seconds: recorded in timings, not in the outs
 
 GOLD_FIELDS = ("id", "category", "prompt", "expected", "policy", "cot", "answer", "acceptable", "why", "case")
@@ -604,6 +604,6 @@ def main(params: Params) -> None:
         metrics["measurement_models"] = mm
     write_jsonl(RESULTS, results)
     write_text(TABLE, render_markdown(metrics, cfg.gold) + "\n" + "\n".join(measurement_markdown(mm)))
-    write_json(METRICS, metrics)
+    write_json(catalog.JUDGE_CALIBRATION_METRICS, metrics)
     record("judge_calibration", params.paths.work, wall_s=time.perf_counter() - t0, judges=times)
     print(TABLE.read_text(encoding="utf-8").split("\n## ", 1)[0].strip())

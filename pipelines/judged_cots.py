@@ -9,25 +9,16 @@ import time
 from pathlib import Path
 from typing import List
 
+from . import catalog
 from .io import read_jsonl, read_text, sha256_text, write_json, write_jsonl
 from .judges import Judge, JudgeItem, Verdict, make_judge
 from .params import Params
-from .raw_cots import out_path as raw_path
 from .shards import fingerprint, run_sharded
 from .spec import load_spec
-from .spec_chunks import chunk_path
 from .timings import record
 
 log = logging.getLogger("judged_cots")
 SHARD = 32  # samples per resumable judge shard
-
-
-def out_path(category: str) -> Path:
-    return Path("data/judged_cots") / f"{category}.jsonl"
-
-
-def metrics_path(category: str) -> Path:
-    return Path("data/metrics/judged_cots") / f"{category}.json"
 
 
 def judge_records(rows: List[dict], chunk: str, judge: Judge, threshold: float) -> List[dict]:
@@ -49,8 +40,8 @@ def main(params: Params, category: str) -> None:
     t0 = time.time()
     jp = params.judged_cots.judge
     spec = load_spec(params.paths.spec, params.categories)
-    chunk = read_text(chunk_path(category), "spec chunk (run spec_chunks first)")
-    rows = read_jsonl(raw_path(category))
+    chunk = read_text(catalog.spec_chunk(category), "spec chunk (run spec_chunks first)")
+    rows = read_jsonl(catalog.raw_cots(category))
     judge = make_judge(jp, spec)
     fp = fingerprint(sha256_text(chunk), [r["id"] + sha256_text(r["raw"]) for r in rows], jp.model_dump())
     try:
@@ -59,7 +50,7 @@ def main(params: Params, category: str) -> None:
                              desc=f"judged_cots@{category}")
     finally:
         judge.close()
-    write_jsonl(out_path(category), judged)
+    write_jsonl(catalog.judged_cots(category), judged)
     kept = sum(r["kept"] for r in judged)
     n = len(judged)
     metrics = {
@@ -69,6 +60,6 @@ def main(params: Params, category: str) -> None:
         "judge_parse_failures": sum(r["judge_parse_failures"] for r in judged),
         "judge": judge.name, "threshold": jp.threshold,
     }  # no time in the metrics (a DVC out): it goes to paths.work/timings/
-    write_json(metrics_path(category), metrics)
+    write_json(catalog.judged_cots_metrics(category), metrics)
     wall = record(f"judged_cots@{category}", params.paths.work, wall_s=time.time() - t0)["wall_s"]
     log.info("judged_cots@%s: %s in %.1f s", category, metrics, wall)

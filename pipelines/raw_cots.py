@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import List
 
+from . import catalog
 from .backends import make_backend
 from .cot import CLOSE, OPEN, split_cot
 from .errors import PipelineError
@@ -18,7 +19,6 @@ from .params import Params
 from .prompts import PromptRecord, load_prompts
 from .shards import fingerprint, run_sharded
 from .spec import Spec, load_spec
-from .spec_chunks import chunk_path
 from .timings import record
 
 log = logging.getLogger("raw_cots")
@@ -50,14 +50,6 @@ EXEMPLAR_ANSWERS = {
                                    "qualified professional, so please consult one about your situation."),
     "full_compliance": ("This is allowed, so I answer helpfully.", "Here is a clear and direct answer..."),
 }
-
-
-def out_path(category: str) -> Path:
-    return Path("data/raw_cots") / f"{category}.jsonl"
-
-
-def metrics_path(category: str) -> Path:
-    return Path("data/metrics/raw_cots") / f"{category}.json"
 
 
 def balanced_subset(prompts: List[PromptRecord], k: int) -> List[PromptRecord]:
@@ -140,7 +132,7 @@ def main(params: Params, category: str) -> None:
     t0 = time.time()
     p = params.raw_cots
     spec = load_spec(params.paths.spec, params.categories)
-    chunk = read_text(chunk_path(category), "spec chunk (run spec_chunks first)")
+    chunk = read_text(catalog.spec_chunk(category), "spec chunk (run spec_chunks first)")
     prompts = load_prompts(Path(params.paths.prompts) / f"{category}.jsonl", spec, category)
     prompts = prompts[: p.max_prompts_per_category]  # the first rows of the file: the default set (None = all)
     if p.max_prompts:
@@ -159,11 +151,11 @@ def main(params: Params, category: str) -> None:
                            desc=f"raw_cots@{category}")
     finally:
         backend.close()
-    write_jsonl(out_path(category), rows)
+    write_jsonl(catalog.raw_cots(category), rows)
     ok = sum(r["parse_ok"] for r in rows)
     # no time in the metrics: it is a DVC out, and two runs of the same inputs must write the same bytes
     metrics = {"prompts": len(prompts), "samples": len(rows), "parsed": ok,
                "parse_rate": round(ok / max(1, len(rows)), 4)}
-    write_json(metrics_path(category), metrics)
+    write_json(catalog.raw_cots_metrics(category), metrics)
     wall = record(f"raw_cots@{category}", params.paths.work, wall_s=time.time() - t0)["wall_s"]
     log.info("raw_cots@%s: %s in %.1f s", category, metrics, wall)

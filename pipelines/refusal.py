@@ -7,8 +7,9 @@ Refusals announce themselves early ("I'm sorry, but I can't..."), while complian
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Optional
+
+from . import catalog
 
 # Sympathy ("I'm sorry to hear that", "I'm sorry you're going through this") opens many good answers: not a refusal.
 _SYMPATHY = r"(?!\s+(?:to\s+hear|for\s+(?:your|the)\s+loss|you(?:'re|\s+are|\s+feel|\s+have)?\b|that\s+you|about))"
@@ -71,7 +72,6 @@ def phrase_refusal(answer: str, sentences_: Optional[int] = 2) -> bool:
 # The trained model is the DVC out of stage `refusal_classifier`. Stages run from the project root and read it there;
 # DAF_REFUSAL_CLASSIFIER names another directory to use when ./data/refusal_classifier does not exist (a stage run
 # from elsewhere, the test suite).
-MODEL_DIR = Path("data/refusal_classifier")
 MODEL_ENV = "DAF_REFUSAL_CLASSIFIER"
 
 
@@ -79,7 +79,7 @@ def _model():
     from .gold_sets import load_cached
     from .refusal_model import RefusalModel
 
-    return load_cached(MODEL_DIR, MODEL_ENV, RefusalModel.load)
+    return load_cached(catalog.REFUSAL_CLASSIFIER, MODEL_ENV, RefusalModel.load)
 
 
 def classify(answer: str, prompt: Optional[str] = None) -> str:

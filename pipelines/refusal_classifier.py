@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from . import catalog
 from .errors import PipelineError
 from .gold_sets import SPLITS, read_splits
 from .io import atomic_path, check_fields, iter_jsonl, sha256_text, write_json
@@ -29,8 +30,6 @@ from .stats import wilson
 
 log = logging.getLogger("refusal_classifier")
 
-OUT_DIR = Path("data/refusal_classifier")
-METRICS = Path("data/metrics/refusal_classifier.json")
 FIELDS = ("id", "voice", "prompt", "answer", "label")
 OPTIONAL = ("lang", "category", "kind")
 
@@ -140,9 +139,9 @@ def main(params: Params) -> None:
     data_sha = sha256_text("\n".join(f"{r['id']}\t{r['label']}\t{r['answer']}" for s in SPLITS for r in gold[s]))
     log.info("rows: %s", {s: len(gold[s]) for s in SPLITS})
     model, metrics = fit_and_score(gold, cfg.l2_grid, data_sha)
-    with atomic_path(OUT_DIR, is_dir=True) as tmp:
+    with atomic_path(catalog.REFUSAL_CLASSIFIER, is_dir=True) as tmp:
         model.save(tmp)
-    write_json(METRICS, metrics)
+    write_json(catalog.REFUSAL_CLASSIFIER_METRICS, metrics)
     t = metrics["final_test"]
     print(f"refusal_classifier: test voices {', '.join(metrics['voices']['test'])}: 3-class accuracy "
           f"{t['accuracy']:.3f} {t['accuracy_ci95']}, refusal yes/no {t['refusal_accuracy']:.3f} "

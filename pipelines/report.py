@@ -28,8 +28,8 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from . import catalog
 from .errors import PipelineError
-from .eval_scores import metrics_path, results_path
 from .io import atomic_path, read_jsonl, write_json, write_text
 from .params import Params
 from .params.evaluation import ReportParams
@@ -37,10 +37,6 @@ from .stats import fmt_ci, mcnemar_p, paired_bootstrap_p, significant
 from .timings import read_all
 
 log = logging.getLogger("report")
-
-OUT_DIR = Path("data/report")
-PLOTS_DIR = OUT_DIR / "plots"
-METRICS = Path("data/metrics/report.json")
 
 # (metrics key, label, what it is). Every metric is a share where higher is better, except where noted.
 HEADLINE = [
@@ -80,7 +76,6 @@ CATEGORY_METRICS = [
 DVC_METRICS = ("not_unsafe", "not_overrefuse", "jailbreak_not_unsafe", "jailbreak_goodness", "jailbreak_goodness_at_q",
                "style_judge_pass", "refusal_kappa", "unparsed_rate", "policy_retrieval",
                "not_overrefuse_transformations", "not_unsafe_multilingual")
-CALIBRATION = Path("data/metrics/judge_calibration.json")
 COLOURS = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]  # first model grey
 
 
@@ -89,7 +84,7 @@ def load_metrics(models: Sequence[str]) -> Dict[str, dict]:
     """Each model's eval_scores metrics; a missing or unreadable file is a one-line error naming it."""
     out = {}
     for m in models:
-        path = metrics_path(m)
+        path = catalog.eval_metrics(m)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -103,7 +98,7 @@ def load_metrics(models: Sequence[str]) -> Dict[str, dict]:
     return out
 
 
-def load_calibration(path: Path = CALIBRATION) -> Optional[dict]:
+def load_calibration(path: Path = catalog.JUDGE_CALIBRATION_METRICS) -> Optional[dict]:
     """The judge_calibration metrics, or None when the stage has not run; an unreadable file is an error."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -470,11 +465,12 @@ def _save(fig, path: Path, dpi: int) -> None:
     plt.close(fig)
 
 
-def write_plot_data(metrics: Dict[str, dict], plots_dir: Path) -> List[Path]:
-    """Per-model files for DVC plots (one colour per file): pareto_<model>.json, per_category_<model>.csv."""
+def write_plot_data(metrics: Dict[str, dict], report_dir: Path) -> List[Path]:
+    """Per-model files for DVC plots (one colour per file): plots/pareto_<model>.json, plots/per_category_<model>.csv
+    under `report_dir`."""
     written = []
     for m, d in metrics.items():
-        p = plots_dir / f"pareto_{m}.json"
+        p = catalog.pareto_data(m, report_dir)
         write_json(p, [{"model": m, "not_overrefuse": d.get("not_overrefuse"),
                         "jailbreak_goodness_at_q": d.get("jailbreak_goodness_at_q")}])
         written.append(p)
@@ -484,7 +480,7 @@ def write_plot_data(metrics: Dict[str, dict], plots_dir: Path) -> List[Path]:
         for c, v in d.get("per_category", {}).items():
             w.writerow([c] + ["" if v.get(k) is None else v.get(k)
                               for k in ("not_unsafe", "not_overrefuse", "jailbreak_goodness_at_q")])
-        p = plots_dir / f"per_category_{m}.csv"
+        p = catalog.per_category_data(m, report_dir)
         write_text(p, buf.getvalue())
         written.append(p)
     return written
@@ -502,7 +498,7 @@ def dvc_metrics(metrics: Dict[str, dict]) -> dict:
 
 # ============================================================================ stage
 def build_report(metrics: Dict[str, dict], examples: Dict[str, List[dict]], rp: ReportParams,
-                 out_dir: Path = OUT_DIR, calibration: Optional[dict] = None,
+                 out_dir: Path = catalog.REPORT, calibration: Optional[dict] = None,
                  results: Optional[Dict[str, List[dict]]] = None) -> dict:
     """Write report.md, report.json, both PNGs and the DVC plot data under out_dir; return the report JSON.
     `calibration`: judge_calibration metrics, shown when given; `results`: per-model result rows, for the paired
@@ -513,9 +509,9 @@ def build_report(metrics: Dict[str, dict], examples: Dict[str, List[dict]], rp: 
               "judge_calibration": calibration_table(calibration) if calibration else None}
     write_text(out_dir / "report.md", render_markdown(tables, examples, calibration=calibration))
     write_json(out_dir / "report.json", report)
-    plot_pareto(metrics, out_dir / "pareto.png", rp.dpi)
-    plot_per_category(metrics, out_dir / "per_category.png", rp.dpi)
-    write_plot_data(metrics, out_dir / "plots")
+    plot_pareto(metrics, catalog.pareto_png(out_dir), rp.dpi)
+    plot_per_category(metrics, catalog.per_category_png(out_dir), rp.dpi)
+    write_plot_data(metrics, out_dir)
     return report
 
 
@@ -528,12 +524,12 @@ def main(params: Params) -> None:
     metrics = load_metrics(rp.models)
     examples, results = {}, {}
     for m in rp.models:
-        path = results_path(m)
+        path = catalog.eval_results(m)
         results[m] = read_jsonl(path) if path.exists() else []
         examples[m] = worst_examples(results[m], rp.examples, rp.example_chars)
     build_report(metrics, examples, rp, calibration=load_calibration(), results=results)
-    write_json(METRICS, dvc_metrics(metrics))
-    print((OUT_DIR / "report.md").read_text(encoding="utf-8").split("\n## ", 2)[1].split("\n", 1)[1].strip())
+    write_json(catalog.REPORT_METRICS, dvc_metrics(metrics))
+    print((catalog.REPORT / "report.md").read_text(encoding="utf-8").split("\n## ", 2)[1].split("\n", 1)[1].strip())
     print(format_times(read_all(params.paths.work)))
 
 

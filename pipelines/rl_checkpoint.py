@@ -30,7 +30,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from . import timings
+from . import catalog, timings
 from .cot import split_cot
 from .errors import PipelineError
 from .io import write_json
@@ -63,10 +63,6 @@ from .training_common import (
 )
 
 STAGE = "rl_checkpoint"
-SFT_MODEL = Path("data/sft_checkpoint")
-OUT = Path("data/rl_checkpoint")
-METRICS = Path("data/metrics/rl_checkpoint.json")
-LIVE = Path("data/dvclive/rl_checkpoint")
 
 log = logging.getLogger(STAGE)
 
@@ -296,10 +292,10 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: List[Dict[str, Any]], r
 # ---------------------------------------------------------------------------- stage
 def main(
     params: Params,
-    model_dir: Path = SFT_MODEL,
-    out_dir: Path = OUT,
-    metrics_path: Path = METRICS,
-    live_dir: Path = LIVE,
+    model_dir: Path = catalog.SFT_CHECKPOINT,
+    out_dir: Path = catalog.RL_CHECKPOINT,
+    metrics_path: Path = catalog.RL_CHECKPOINT_METRICS,
+    live_dir: Path = catalog.dvclive(STAGE),
     judge: Any = None,
 ) -> Optional[Dict[str, Any]]:
     """Check inputs and config, (re)launch if asked, run GRPO, then write checkpoint, metrics and DVCLive logs (rank 0).

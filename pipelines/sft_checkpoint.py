@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import timings
+from . import catalog, timings
 from .cot import split_cot
 from .errors import PipelineError
 from .io import iter_jsonl, write_json
@@ -58,11 +58,6 @@ from .training_common import (
 )
 
 STAGE = "sft_checkpoint"
-BASE_MODEL = Path("data/base_model")
-DATASET = Path("data/sft_dataset/train.jsonl")
-OUT = Path("data/sft_checkpoint")
-METRICS = Path("data/metrics/sft_checkpoint.json")
-LIVE = Path("data/dvclive/sft_checkpoint")
 # what each step's line in the Dagster run log shows (DVCLive keeps every key)
 PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "train_tokens_per_second")
 
@@ -178,11 +173,11 @@ def build_sft_trainer(model: Any, tokenizer: Any, template: str, rows: List[Dict
 # ---------------------------------------------------------------------------- stage
 def main(
     params: Params,
-    base_dir: Path = BASE_MODEL,
-    dataset: Path = DATASET,
-    out_dir: Path = OUT,
-    metrics_path: Path = METRICS,
-    live_dir: Path = LIVE,
+    base_dir: Path = catalog.BASE_MODEL,
+    dataset: Path = catalog.SFT_TRAIN,
+    out_dir: Path = catalog.SFT_CHECKPOINT,
+    metrics_path: Path = catalog.SFT_CHECKPOINT_METRICS,
+    live_dir: Path = catalog.dvclive(STAGE),
 ) -> Optional[Dict[str, Any]]:
     """Check inputs and config, (re)launch if asked, train, then write checkpoint, metrics and DVCLive logs (rank 0).
 

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from pathlib import Path
 from typing import Dict, List
 
+from . import catalog
 from .cot import join_cot
 from .errors import PipelineError
 from .io import read_jsonl, read_text, write_json, write_jsonl
-from .judged_cots import out_path as judged_path
 from .params import Params
-from .spec_chunks import chunk_path
 
 log = logging.getLogger("sft_dataset")
-OUT = Path("data/sft_dataset/train.jsonl")
-METRICS = Path("data/metrics/sft_dataset.json")
 
 
 def spec_lines(chunks: List[str], min_len: int = 25) -> List[str]:
@@ -59,16 +55,16 @@ def assert_spec_free(examples: List[dict], spec_text_lines: List[str]) -> None:
 
 
 def main(params: Params) -> None:
-    judged = {c: read_jsonl(judged_path(c)) for c in params.categories}
+    judged = {c: read_jsonl(catalog.judged_cots(c)) for c in params.categories}
     examples = build_examples(judged, params.sft_dataset.system_prompt, params.sft_dataset.max_per_prompt)
-    assert_spec_free(examples, spec_lines([read_text(chunk_path(c)) for c in params.categories]))
+    assert_spec_free(examples, spec_lines([read_text(catalog.spec_chunk(c)) for c in params.categories]))
     per_cat = {}
     for c, rows in judged.items():
         per_cat[c] = {"samples": len(rows), "kept": sum(r["kept"] for r in rows),
                       "examples": sum(e["category"] == c for e in examples)}
     metrics = {"examples": len(examples), "per_category": per_cat}
-    write_jsonl(OUT, examples)
-    write_json(METRICS, metrics)
+    write_jsonl(catalog.SFT_TRAIN, examples)
+    write_json(catalog.SFT_DATASET_METRICS, metrics)
     width = max(map(len, per_cat))
     lines = [f"{'category':<{width}}  samples  kept  examples"] + [
         f"{c:<{width}}  {v['samples']:>7}  {v['kept']:>4}  {v['examples']:>8}" for c, v in per_cat.items()]

@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import yaml
 
+from . import catalog
 from .errors import PipelineError
 from .io import atomic_path, check_safetensors_checkpoint, write_json, write_text
 from .model_card import write_model_card
@@ -402,7 +403,8 @@ def build_trl_config(config_cls: Any, section: Any, key: str, ours: Mapping[str,
         checked[name] = _typed_extra(config_cls, name, value, where)
     trackers = checked.pop("report_to", [])
     if any(t in DVCLIVE_TRACKERS for t in ([trackers] if isinstance(trackers, str) else trackers or [])):
-        raise PipelineError(f"{key}.trl_extra.report_to: DVCLive already logs every step to data/dvclive/{key}/; "
+        raise PipelineError(f"{key}.trl_extra.report_to: DVCLive already logs every step to "
+                            f"{catalog.dvclive(key).as_posix()}/; "
                             "a second one would write ./dvclive (name other trackers only)")
     try:
         return config_cls(**ours, report_to=trackers, **checked)

@@ -180,9 +180,16 @@ def test_code_version_follows_code_params_and_command(fresh_repo, tmp_path):
     with (repo / "pipelines/judged_cots.py").open("a") as f:
         f.write("\n# a comment is a code change\n")
     v1 = versions()
-    # exactly the stages whose command imports the file: judged_cots, and sft_dataset, which imports judged_cots.py
-    # (dvc.yaml lists every imported project file, tests/test_code_deps.py)
-    assert {k for k in v0 if v0[k] != v1[k]} == {"judged_cots", "sft_dataset"}
+    # exactly the stages whose command imports the file (dvc.yaml lists every imported project file,
+    # tests/test_code_deps.py): judged_cots only. sft_dataset reads its out, and takes the path from pipelines/catalog.py
+    assert {k for k in v0 if v0[k] != v1[k]} == {"judged_cots"}
+    with (repo / "pipelines/catalog.py").open("a") as f:
+        f.write("\n# every stage imports the catalog\n")
+    v_cat = versions()
+    stages = {k for k, v in v1.items() if v is not None}  # the DVC stages; input assets have no code version
+    assert {"judged_cots", "sft_dataset", "raw_cots"} <= stages
+    assert {k for k in v1 if v1[k] != v_cat[k]} == stages
+    v1 = v_cat
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["raw_cots"]["n_samples"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -11,6 +11,8 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .. import catalog
+
 # Upper bound of every count in params.yaml (samples, tokens, steps, batch sizes, shard sizes, ...): far above any
 # sensible value, low enough that a typo such as 10**20 is refused instead of running away.
 MAX_COUNT = 1_000_000
@@ -44,7 +46,7 @@ class TransformersBackend(Strict):
     """A local HF-format checkpoint run with transformers (batched, left-padded)."""
 
     kind: Literal["transformers"]
-    model: str = "data/base_model"  # directory with config.json + *.safetensors
+    model: str = catalog.BASE_MODEL.as_posix()  # directory with config.json + *.safetensors
     batch_size: PositiveInt = 8  # prompts per generate() call; each yields n samples
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 on CPU

@@ -12,6 +12,7 @@ from typing import Annotated, Dict, List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from .. import catalog
 from ..jailbreaks import TRANSFORMS
 from .common import (Backend, EnvVarName, JudgeParams, NonNegInt, PositiveInt, Sampling, Seconds, Strict,
                      TransformersBackend)
@@ -71,9 +72,9 @@ class EndpointParams(Strict):
 class EvalScoresParams(Strict):
     # Model key -> HF checkpoint directory. `eval_scores --model <key>` evaluates one; dvc.yaml runs one stage per key.
     models: Dict[ModelKey, str] = {
-        "base": "data/base_model",
-        "sft": "data/sft_checkpoint",
-        "rl": "data/rl_checkpoint",
+        "base": catalog.BASE_MODEL.as_posix(),
+        "sft": catalog.SFT_CHECKPOINT.as_posix(),
+        "rl": catalog.RL_CHECKPOINT.as_posix(),
     }
     # The generator. For kind transformers, `model` is replaced by the directory of the model being evaluated.
     # Short prompts: decoding is bound by reading the weights, so bigger batches are nearly free (91 items of the SFT
@@ -181,7 +182,7 @@ class CalibratedJudge(JudgeParams):
 DEFAULT_CALIBRATED_JUDGES = [
     CalibratedJudge(name="rubric", kind="rubric", sees_cot=True),
     CalibratedJudge(name="llm_base", kind="llm", sees_cot=True,
-                    backend=TransformersBackend(kind="transformers", model="data/base_model", batch_size=7),
+                    backend=TransformersBackend(kind="transformers", model=catalog.BASE_MODEL.as_posix(), batch_size=7),
                     max_items=14),
     CalibratedJudge(name="string_match", kind="string_match"),
 ]
