@@ -42,10 +42,19 @@ def wait_http(url: str, timeout: float) -> None:
     raise SystemExit(f"{url}: the Dagster UI did not answer within {timeout:.0f} s")
 
 
+def unfold_group(page, group: str) -> None:
+    """The lineage opens with every asset group folded; a click on a folded group's node unfolds it."""
+    try:
+        page.get_by_text(group, exact=True).last.click(force=True, timeout=5000)
+    except Exception as e:  # a UI that opens groups unfolded: keep the picture as it is
+        print(f"group {group!r} not unfolded: {type(e).__name__}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/lineage.png", help="PNG to write (default: docs/lineage.png)")
     ap.add_argument("--path", default="/asset-groups", help="UI page to capture (default: the global lineage)")
+    ap.add_argument("--group", default="data", help="asset group to unfold in the picture ('' for none)")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--width", type=int, default=1800)
     ap.add_argument("--height", type=int, default=1100)
@@ -69,7 +78,13 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
             page.goto(base + args.path, wait_until="networkidle", timeout=120_000)
-            page.wait_for_timeout(8000)  # the graph lays itself out after the data arrives
+            page.wait_for_timeout(5000)  # the graph lays itself out after the data arrives
+            skip = page.get_by_role("button", name="Skip")  # the first-visit newsletter dialog
+            if skip.count():
+                skip.first.click()
+            if args.group:
+                unfold_group(page, args.group)
+                page.wait_for_timeout(5000)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out)
             browser.close()
