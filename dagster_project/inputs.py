@@ -80,14 +80,15 @@ def _file_md5(path: Path) -> str:
 def dvc_md5(root: Path, path: str) -> Optional[str]:
     """The md5 DVC 3 records for `path` as a dep, or None when it does not exist.
 
-    A directory's md5 is that of the JSON list of its files' {md5, relpath}, sorted by path parts, plus `.dir`.
+    A directory's md5 is that of the JSON list of its files' {md5, relpath}, sorted by relpath, plus `.dir`.
     """
     p = Path(root) / path
     if p.is_file():
         return _file_md5(p)
     if not p.is_dir():
         return None
-    files = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).parts)
+    # DVC orders a directory's entries by the relpath string ("a-b/x" before "a/b"), as audit.dvc_md5 does
+    files = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).as_posix())
     listing = [{"md5": _file_md5(f), "relpath": f.relative_to(p).as_posix()} for f in files]
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 

@@ -140,3 +140,28 @@ def test_discovery_in_a_small_project_of_its_own(tmp_path):
     assert set(deps["merge"]) == {"chunk", "in_cat", "in_cat_c", "in_common", "in_extra", "in_a_only"}
     assert isinstance(deps["merge"]["in_cat"], dg.AllPartitionMapping)
     assert specs["in_cat"].partitions_def is specs["chunk"].partitions_def
+
+
+def test_directory_md5s_equal_dvcs_where_string_and_part_order_differ(tmp_path):
+    """"a-b/x" sorts before "a/b" as a string but after it by path parts: every digest must order as DVC does."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dagster_project.audit import dvc_md5 as audit_md5
+    from dagster_project.inputs import dvc_md5 as input_md5
+    from pipelines.model_card import dvc_md5 as card_md5
+
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*dvc, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "t/a").mkdir(parents=True)
+    (tmp_path / "t/a-b").mkdir()
+    (tmp_path / "t/a/b").write_text("1")
+    (tmp_path / "t/a-b/x").write_text("2")
+    subprocess.run([*dvc, "add", "-q", "t"], cwd=tmp_path, check=True)
+    want = yaml.safe_load((tmp_path / "t.dvc").read_text())["outs"][0]["md5"]
+    assert input_md5(tmp_path, "t") == want
+    assert audit_md5(tmp_path / "t") == want
+    assert card_md5(tmp_path / "t") == want
