@@ -18,7 +18,6 @@ Rows (PASS / FAIL / WARN / SKIP); any FAIL makes the exit code 1:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -174,22 +173,12 @@ def audit_params(manifest: DvcManifest) -> List[Row]:
     return [Row(PASS, "params match dvc.lock", f"{compared} recorded param values equal params.yaml (by value)")]
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dvc_md5(path: Path) -> str:
-    """The md5 DVC 3 records for an out, computed from the bytes: a file's md5, or for a directory the md5 of the
-    JSON list of {"md5", "relpath"} of its files sorted by relpath, plus ".dir" (DVC's directory manifest)."""
-    if path.is_file():
-        return _md5_file(path)
-    entries = sorted(({"md5": _md5_file(f), "relpath": f.relative_to(path).as_posix()}
-                      for f in path.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+    """The md5 DVC 3 records for an out, computed from the bytes (pipelines.model_card.dvc_md5: one implementation of
+    DVC's file and directory digests for the cards, the input assets and this audit)."""
+    from pipelines.model_card import dvc_md5 as digest
+
+    return digest(path)
 
 
 def audit_rehash(manifest: DvcManifest) -> List[Row]:

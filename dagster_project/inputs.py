@@ -20,8 +20,6 @@ own input. Dagster is imported only by `input_assets`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,28 +67,12 @@ class InputCatalog:
 
 
 # ------------------------------------------------------------------------------------------------ hashing
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dvc_md5(root: Path, path: str) -> Optional[str]:
-    """The md5 DVC 3 records for `path` as a dep, or None when it does not exist.
+    """The md5 DVC 3 records for `path` as a dep (pipelines.model_card.dvc_md5), or None when it does not exist."""
+    from pipelines.model_card import dvc_md5 as digest
 
-    A directory's md5 is that of the JSON list of its files' {md5, relpath}, sorted by relpath, plus `.dir`.
-    """
     p = Path(root) / path
-    if p.is_file():
-        return _file_md5(p)
-    if not p.is_dir():
-        return None
-    # DVC orders a directory's entries by the relpath string ("a-b/x" before "a/b"), as audit.dvc_md5 does
-    files = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).as_posix())
-    listing = [{"md5": _file_md5(f), "relpath": f.relative_to(p).as_posix()} for f in files]
-    return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+    return digest(p) if p.is_file() or p.is_dir() else None
 
 
 def data_version(root: Path, path: str) -> str:
